@@ -1,0 +1,690 @@
+"""common.py: the plumbing every method script shares, and nothing method-specific.
+
+Sections, in order: errors, distributed, data, augmentation, model, optimisation, training
+loop with checkpoints and logging, evaluation (kNN monitor and linear probe). A method
+file (simclr.py, ...) defines its loss and train step and calls `pretrain` and
+`linear_eval` from here; see README.md for the commands.
+"""
+import argparse
+import functools
+import gzip
+import json
+import math
+import os
+import struct
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- errors
+
+
+class BadInput(Exception):
+    """A mistake the user can fix (path, flag, file); reported as one line, no traceback."""
+
+
+def run(main):
+    """Call main(); turn BadInput into `error: ...` on stderr and exit status 2."""
+    try:
+        main()
+    except BadInput as e:
+        # An error raised in a DataLoader worker comes back wrapped in the worker's
+        # traceback text; its last line is ours.
+        msg = str(e).strip().splitlines()[-1].split("BadInput: ")[-1]
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def setup_distributed():
+    """Join the torchrun job if there is one (RANK/WORLD_SIZE/LOCAL_RANK set), else run
+    as one process. nccl on GPU, gloo on CPU. Returns the device of this rank."""
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient w.r.t. the gathered tensor
+    (all_reduce) and keeps this rank's slice, because this rank's rows were candidates
+    in every rank's loss. Returning only the local slice without the all_reduce drops
+    the terms where these rows are negatives for other ranks (SogCLR's issue #1)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x):
+    """(n, ...) local rows -> (n * world, ...) rows of all ranks in rank order, with the
+    gradient flowing back to every rank. The identity when not distributed."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_rows(x):
+    """Concatenate tensors of possibly different lengths from all ranks, in rank order,
+    without gradient (evaluation). Pads to the longest for all_gather, then trims."""
+    if world() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world())]
+    dist.all_gather(sizes, n)
+    pad = torch.zeros((int(max(sizes)),) + x.shape[1:], dtype=x.dtype, device=x.device)
+    pad[: x.shape[0]] = x
+    parts = [torch.empty_like(pad) for _ in range(world())]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
+
+
+# ----------------------------------------------------------------------------- data
+
+NAMED = ("cifar10", "cifar100", "stl10", "fashion-mnist", "synthetic")
+DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class Views(Dataset):
+    """Wraps a base dataset of (image, label) and yields (views, label, index): `n_views`
+    independently augmented copies, so every view of every sample draws its own random
+    crop, flip and colour parameters. `index` is the position in the dataset (SogCLR's u)."""
+
+    def __init__(self, base, transform, n_views):
+        self.base, self.transform, self.n_views = base, transform, n_views
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return [self.transform(img) for _ in range(self.n_views)], label, i
+
+
+class TensorImages(Dataset):
+    """uint8 images (N, C, H, W) held in memory, with integer labels."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def load_image(path):
+    """PIL loader that names the broken file instead of failing deep inside PIL."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadInput(f"cannot decode image {path} ({type(e).__name__}); delete or replace that file") from None
+
+
+def _read_idx(path):
+    """An idx file (MNIST format, gzip): uint8 payload after a big-endian shape header."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+def _synthetic(train):
+    """At most 512 images of 32 px: 10 classes, each a fixed coarse 4x4 colour layout,
+    plus per-image noise. Crops and colour jitter keep enough of the layout that a
+    contrastive model learns it, so kNN and linear accuracy rise above 10% chance."""
+    protos = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    n = 384 if train else 128
+    g = torch.Generator().manual_seed(1 if train else 2)
+    labels = torch.arange(n) % 10
+    x = F.interpolate(protos[labels], size=32, mode="bilinear", align_corners=False)
+    x = x + 0.1 * torch.randn(x.shape, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def _torchvision_set(name, root, train):
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)
+    try:
+        if cls:
+            ds = cls(root, train=train, download=True)
+            return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+        if name == "stl10":
+            ds = torchvision.datasets.STL10(root, split="train" if train else "test", download=True)
+            return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
+        ds = torchvision.datasets.FashionMNIST(root, train=train, download=True)
+        return ds.data.unsqueeze(1), ds.targets
+    except Exception as e:  # offline machines fail here with a long urllib chain
+        raise BadInput(f"{name} is not under --data-root {root} and could not be downloaded "
+                       f"({type(e).__name__}); download it there on a machine with internet") from None
+
+
+def base_datasets(args):
+    """(train, val, meta) with train/val yielding (image, label). meta: size, channels,
+    classes, stats (mean, std), folder (an ImageFolder root of full-size photos)."""
+    return _base_datasets(args.data, args.data_root)
+
+
+@functools.lru_cache(maxsize=2)  # the kNN monitor and the probe ask again; scanning a folder is slow
+def _base_datasets(name, root):
+    if name not in NAMED:
+        for split in ("train", "val"):
+            if not os.path.isdir(os.path.join(name, split)):
+                raise BadInput(f"--data {name}: no folder {os.path.join(name, split)}; "
+                               f"give an ImageFolder root holding train/ and val/, or one of {', '.join(NAMED)}")
+        try:
+            train, val = (torchvision.datasets.ImageFolder(os.path.join(name, s), loader=load_image) for s in ("train", "val"))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise BadInput(f"--data {name}: {e}") from None
+        meta = dict(size=224, channels=3, classes=len(train.classes), stats=IMAGENET_STATS, folder=True)
+        return train, val, meta
+    if name == "synthetic":
+        (xt, yt), (xv, yv) = _synthetic(True), _synthetic(False)
+    elif name == "fashion-mnist" and os.path.isdir(DEBIAN_FMNIST):
+        files = [os.path.join(DEBIAN_FMNIST, f"{p}-{k}-idx{d}-ubyte.gz")
+                 for p in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
+        xt, yt, xv, yv = (_read_idx(f) for f in files)
+        xt, xv, yt, yv = xt.unsqueeze(1), xv.unsqueeze(1), yt.long(), yv.long()
+    else:
+        (xt, yt), (xv, yv) = (_torchvision_set(name, root, t) for t in (True, False))
+    stats = {"cifar10": ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
+             "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
+             "fashion-mnist": ((0.286,), (0.353,)), "stl10": IMAGENET_STATS}.get(name, ((0.5,) * 3, (0.25,) * 3))
+    meta = dict(size=xt.shape[-1], channels=xt.shape[1], classes=int(yt.max()) + 1, stats=stats, folder=False)
+    return TensorImages(xt, yt), TensorImages(xv, yv), meta
+
+
+def subset(ds, n, seed):
+    """A fixed random subset of n samples (n = 0: all), the same on every rank."""
+    if not n or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.utils.data.Subset(ds, idx.tolist())
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def simclr_transform(meta):
+    """SimCLR's augmentation (Chen et al. 2020, appendix A), per sample.
+    Photos (> 64 px): RandomResizedCrop scale 0.08-1, flip, colour jitter strength 1.0
+    (0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale p 0.2, Gaussian blur p 0.5 with a kernel of
+    10% of the side and sigma 0.1-2. Small colour images (<= 64 px): strength 0.5, no blur,
+    as in the paper's CIFAR-10 experiments. Grayscale data: no colour operations."""
+    size, large = meta["size"], meta["size"] > 64
+    ops = [T.ToImage(), T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip()]
+    if meta["channels"] == 3:
+        s = 1.0 if large else 0.5
+        ops += [T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), T.RandomGrayscale(p=0.2)]
+    if large:
+        ops += [T.RandomApply([T.GaussianBlur(int(0.1 * size) // 2 * 2 + 1, sigma=(0.1, 2.0))], p=0.5)]
+    return T.Compose(ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(*meta["stats"])])
+
+
+def eval_transform(meta, train_aug=False):
+    """Evaluation: resize 256 / centre crop 224 for photo folders, the image as is for the
+    small sets. train_aug=True is the linear-probe training augmentation of MoCo v3
+    (RandomResizedCrop + flip), used for photo folders."""
+    if not meta["folder"]:
+        ops = []
+    elif train_aug:
+        ops = [T.RandomResizedCrop(meta["size"], antialias=True), T.RandomHorizontalFlip()]
+    else:
+        ops = [T.Resize(meta["size"] * 8 // 7, antialias=True), T.CenterCrop(meta["size"])]
+    return T.Compose([T.ToImage()] + ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(*meta["stats"])])
+
+
+def train_dataset(args, n_views=2):
+    train, _, meta = base_datasets(args)
+    return Views(subset(train, args.subset, args.seed), simclr_transform(meta), n_views), meta
+
+
+def loader(ds, batch, workers, sampler=None, shuffle=False, drop_last=False):
+    return DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=shuffle, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+                      persistent_workers=workers > 0)
+
+
+class Shard(torch.utils.data.Sampler):
+    """This rank's contiguous share of the indices, neither padded nor dropped, so that
+    evaluation sees every sample exactly once across ranks (DistributedSampler pads)."""
+
+    def __init__(self, n):
+        self.idx = list(range(n))[rank() * n // world():(rank() + 1) * n // world()]
+
+    def __iter__(self):
+        return iter(self.idx)
+
+    def __len__(self):
+        return len(self.idx)
+
+
+# ----------------------------------------------------------------------------- model
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+def make_model(args, meta, device):
+    """backbone (torchvision ResNet, fc removed) + projector (Linear-BN-ReLU-Linear, 2048
+    hidden, 128 out), as nn.Sequential(backbone=..., projector=...). Images of 64 px or
+    less get the CIFAR stem of the SimCLR paper: a 3x3 stride-1 conv and no max-pool."""
+    backbone = getattr(torchvision.models, args.arch)(weights=None)
+    if meta["size"] <= 64:
+        backbone.conv1 = nn.Conv2d(meta["channels"], 64, 3, 1, 1, bias=False)
+        backbone.maxpool = nn.Identity()
+    elif meta["channels"] != 3:
+        backbone.conv1 = nn.Conv2d(meta["channels"], 64, 7, 2, 3, bias=False)
+    dim = backbone.fc.in_features
+    backbone.fc = nn.Identity()
+    projector = nn.Sequential(nn.Linear(dim, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True), nn.Linear(2048, 128))
+    backbone.feat_dim = dim
+    model = nn.Sequential()
+    model.add_module("backbone", backbone)
+    model.add_module("projector", projector)
+    if world() > 1 and device.type == "cuda":
+        # Global BN across ranks, as SimCLR does: per-GPU statistics of a few dozen
+        # samples are noisy and let the model cheat. SyncBatchNorm runs only on GPUs.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def forward_views(net, views, args):
+    """Forward all views of the batch in one pass (bf16 autocast on GPU unless
+    --precision fp32, channels_last) and return one fp32 (B, 128) tensor per view. The
+    loss then runs outside autocast, so the similarity maths is fp32."""
+    device = next(net.parameters()).device
+    x = torch.cat(views).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        z = net(x)
+    return z.float().chunk(len(views))
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as used by SimCLR: for weights with more than one dimension,
+    add weight decay and scale the step by the trust ratio eta * ||w|| / ||g||; biases and
+    BN parameters (1-D) get the plain SGD-momentum step, no decay, no trust ratio."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.norm(p), torch.norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
+                    d = d.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(group["momentum"]).add_(d)
+                p.add_(state["mu"], alpha=-group["lr"])
+
+
+def lr_at(step, total, warmup, base):
+    """Linear warmup over `warmup` steps (reaching `base` at step warmup - 1), then
+    half-cosine from base towards 0 at step `total`. A pure function of the step."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def scale_lr(args):
+    """SimCLR's scaling rule (appendix B.1): lr = 0.075 * sqrt(B) or 0.3 * B / 256, where
+    --lr overrides the 0.075 or 0.3 factor. B is the global batch."""
+    factor = args.lr if args.lr is not None else (0.075 if args.lr_scaling == "sqrt" else 0.3)
+    return factor * (math.sqrt(args.batch) if args.lr_scaling == "sqrt" else args.batch / 256)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def get_parser(doc):
+    """The flags every method shares. A method adds its own under its own prefix."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    p.add_argument("--data", required=True, help=f"ImageFolder root with train/ and val/, or one of {', '.join(NAMED)}")
+    p.add_argument("--data-root", default="./data", help="where named torchvision datasets live or are downloaded")
+    p.add_argument("--subset", type=int, default=0, help="use a fixed random subset of this many training images (0: all)")
+    p.add_argument("--workers", type=int, default=8, help="data loader processes per GPU")
+    # model
+    p.add_argument("--arch", default="resnet50", help=f"one of {', '.join(ARCHS)}")
+    # optimisation
+    p.add_argument("--batch", type=int, default=256, help="global batch size, split across processes")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--warmup-epochs", type=float, default=10)
+    p.add_argument("--lr", type=float, default=None, help="lr factor: 0.075 for sqrt scaling, 0.3 for linear")
+    p.add_argument("--lr-scaling", choices=("sqrt", "linear"), default="sqrt")
+    p.add_argument("--wd", type=float, default=1e-6, help="LARS weight decay (not on biases and BN)")
+    # loss
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--chunk-size", type=int, default=None, help="candidates per tile of the memory-efficient loss path")
+    # system
+    p.add_argument("--out-dir", default="./runs/default", help="checkpoint, log and weights; resumes if it holds a checkpoint")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    # evaluation
+    p.add_argument("--knn-every", type=int, default=10, help="kNN monitor (k=200, T=0.1) every N epochs (0: off)")
+    p.add_argument("--lin-epochs", type=int, default=None, help="linear probe epochs (default 90 on folders, 30 on small sets)")
+    p.add_argument("--lin-batch", type=int, default=None, help="linear probe global batch (default 1024 on folders, 256 on small sets)")
+    p.add_argument("--lin-lr", type=float, default=0.1, help="linear probe lr per 256 images (SGD, cosine)")
+    p.add_argument("--lin-wd", type=float, default=0.0)
+    return p
+
+
+def setup(args):
+    """Validate the shared flags, join the distributed job, print the scaled lr. Every
+    check runs before any file is written, so a bad flag never touches a checkpoint."""
+    w = int(os.environ.get("WORLD_SIZE", 1))
+    checks = [(args.batch > 0 and args.batch % w == 0,
+               f"--batch {args.batch} does not divide across {w} processes; use a multiple of {w}"),
+              (args.epochs >= 0, "--epochs must be >= 0"),
+              (0 <= args.warmup_epochs, "--warmup-epochs must be >= 0"),
+              (args.lr is None or args.lr > 0, "--lr must be > 0"),
+              (args.wd >= 0, "--wd must be >= 0"),
+              (args.temperature > 0, "--temperature must be > 0"),
+              (args.chunk_size is None or args.chunk_size > 0, "--chunk-size must be > 0"),
+              (args.workers >= 0, "--workers must be >= 0"),
+              (args.log_every > 0, "--log-every must be > 0"),
+              (args.subset >= 0, "--subset must be >= 0"),
+              (args.arch in ARCHS, f"--arch {args.arch} is not supported; choose one of {', '.join(ARCHS)}")]
+    for ok, msg in checks:
+        if not ok:
+            raise BadInput(msg)
+    if args.data not in NAMED and not os.path.isdir(args.data):
+        raise BadInput(f"--data {args.data}: no such directory; give an ImageFolder root or one of {', '.join(NAMED)}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise BadInput(f"--out-dir {args.out_dir} is a file; give a directory")
+    device = setup_distributed()
+    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    args.base_lr = scale_lr(args)
+    torch.manual_seed(args.seed + rank())
+    if rank() == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        print(f"{world()} process(es) on {device.type}; global batch {args.batch} ({args.batch // world()} per process); "
+              f"lr {args.base_lr:.4g} ({args.lr_scaling} scaling)", flush=True)
+    return device
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, fsync, rename over the old one. A crash mid-write
+    leaves the previous checkpoint whole."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state():
+    """Every rank's torch RNG (CPU and CUDA). The torch RNG drives the DataLoader's worker
+    seeds, hence all augmentation; the sampler order is seed + epoch."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if world() == 1:
+        return [state]
+    states = [None] * world()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def log_line(args, record):
+    if rank() == 0:
+        with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def pretrain(args, model, train_set, train_step, buffers=None):
+    """Train `model` with `train_step(net, views, index) -> loss` for args.epochs epochs.
+    LARS, warmup + cosine per step, DDP when distributed, optional torch.compile. One
+    rolling checkpoint (model, optimizer, step, epoch, method `buffers` module, RNG,
+    args) at the end of every epoch; resumes from it automatically."""
+    device = next(model.parameters()).device
+    per_rank = args.batch // world()
+    if len(train_set) < args.batch:
+        raise BadInput(f"--batch {args.batch} is larger than the {len(train_set)} training images; lower --batch")
+    # drop_last: every index is used at most once per epoch and all ranks take the same
+    # number of equal-size steps (gather_with_grad needs equal sizes).
+    sampler = DistributedSampler(train_set, world(), rank(), shuffle=True, seed=args.seed, drop_last=True)
+    data = loader(train_set, per_rank, args.workers, sampler=sampler, drop_last=True)
+    steps_per_epoch = len(data)
+    total, warmup = steps_per_epoch * args.epochs, round(steps_per_epoch * args.warmup_epochs)
+    opt = LARS(model.parameters(), lr=args.base_lr, weight_decay=args.wd)
+    path = os.path.join(args.out_dir, "checkpoint.pt")
+    start_epoch = 0
+    if os.path.exists(path):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            if buffers is not None:
+                buffers.load_state_dict(ckpt["buffers"])
+        except Exception as e:
+            raise BadInput(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                           f"move it away to start afresh, or use another --out-dir") from None
+        if ckpt["step"] != ckpt["epoch"] * steps_per_epoch:
+            raise BadInput(f"checkpoint {path} was made with {ckpt['step'] // max(1, ckpt['epoch'])} steps per epoch, "
+                           f"this run has {steps_per_epoch}; use the same --batch and data, or another --out-dir")
+        if len(ckpt["rng"]) == world():
+            torch.set_rng_state(ckpt["rng"][rank()]["cpu"])
+            if device.type == "cuda" and ckpt["rng"][rank()]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng"][rank()]["cuda"])
+        start_epoch = ckpt["epoch"]
+        if rank() == 0:
+            print(f"resumed from epoch {start_epoch} (step {ckpt['step']}) of {path}", flush=True)
+    step = start_epoch * steps_per_epoch
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world() > 1 else model
+    if args.compile:
+        net = torch.compile(net)
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        tick, seen = time.time(), 0
+        with tqdm(data, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank() != 0, dynamic_ncols=True, leave=False) as bar:
+            for i, (views, _, index) in enumerate(bar):
+                lr = lr_at(step, total, warmup, args.base_lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss = train_step(net, views, index.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step, seen = step + 1, seen + args.batch
+                nonfinite |= ~torch.isfinite(loss.detach())
+                if step % args.log_every == 0 or i == steps_per_epoch - 1:
+                    value = loss.item()  # synchronises; the rate below is therefore honest on GPU
+                    if nonfinite:
+                        raise BadInput(f"loss is {value} at step {step}; stopped, the last good checkpoint {path} is intact; "
+                                       f"lower --lr or check the data")
+                    rate, tick, seen = seen / (time.time() - tick), time.time(), 0
+                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                    log_line(args, dict(epoch=epoch + 1, step=step, loss=value, lr=lr, img_per_s=rate,
+                                        views_per_s=rate * len(views)))
+        if world() > 1:  # one rank's NaN reaches every rank's weights through the gradients
+            dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+        if nonfinite:
+            raise BadInput(f"non-finite loss in epoch {epoch + 1}; stopped, the last good checkpoint {path} is intact")
+        state = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, epoch=epoch + 1,
+                     buffers=buffers.state_dict() if buffers is not None else None, rng=_rng_state(), args=vars(args))
+        if rank() == 0:
+            save_checkpoint(path, state)
+            print(f"epoch {epoch + 1}/{args.epochs} done: step {step}, loss {value:.4f}", flush=True)
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            acc = knn_monitor(args, model.backbone)
+            log_line(args, dict(epoch=epoch + 1, knn_top1=acc))
+            if rank() == 0:
+                print(f"epoch {epoch + 1}: kNN top-1 {acc:.2f}%", flush=True)
+    if rank() == 0:
+        torch.save(model.backbone.state_dict(), os.path.join(args.out_dir, "backbone.pt"))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def features(args, backbone, ds, batch):
+    """Frozen-backbone features and labels of this rank's unpadded shard of `ds`."""
+    device = next(backbone.parameters()).device
+    feats, labels = [], []
+    for views, y, _ in loader(ds, batch, args.workers, sampler=Shard(len(ds))):
+        x = views[0].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            feats.append(backbone(x).float())
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_monitor(args, backbone, k=200, temperature=0.1):
+    """Weighted kNN (Wu et al. 2018, as in InstDisc/MoCo): cosine similarity to the whole
+    training set, top-k neighbours vote with weight exp(sim / T). Top-1 in %."""
+    train, val, meta = base_datasets(args)
+    was_training = backbone.training
+    backbone.eval()
+    plain = eval_transform(meta)
+    bank, bank_y = features(args, backbone, Views(subset(train, args.subset, args.seed), plain, 1), 256)
+    bank, bank_y = F.normalize(gather_rows(bank), dim=1), gather_rows(bank_y)
+    q, qy = features(args, backbone, Views(val, plain, 1), 256)
+    q = F.normalize(q, dim=1)
+    correct = torch.zeros((), device=q.device)
+    for s in range(0, len(q), 256):  # query rows in blocks; the bank is held whole here
+        sim, idx = (q[s:s + 256] @ bank.T).topk(min(k, len(bank)), dim=1)
+        votes = torch.zeros(len(sim), meta["classes"], device=q.device)
+        votes.scatter_add_(1, bank_y[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == qy[s:s + 256]).sum()
+    backbone.train(was_training)
+    return _sum_over_ranks(correct, len(q), len(val))
+
+
+def _sum_over_ranks(correct, n_local, n_expected):
+    """Top-1 in % from per-rank counts; protocol check: every validation sample counted once."""
+    stats = torch.tensor([float(correct), float(n_local)], dtype=torch.float64, device=correct.device)
+    if world() > 1:
+        dist.all_reduce(stats)
+    if int(stats[1]) != n_expected:
+        raise RuntimeError(f"evaluation saw {int(stats[1])} of {n_expected} validation samples")
+    return float(100 * stats[0] / stats[1])
+
+
+def linear_eval(args, backbone, meta):
+    """Linear probe on the frozen backbone (MoCo v3 protocol: SGD momentum 0.9, lr
+    args.lin_lr x B / 256, cosine, wd 0; 90 epochs and B 1024 on photo folders). The
+    backbone is in eval mode, its features are computed under no_grad, and it is checked
+    to be bit-identical after the first epoch. Photo folders train the probe on MoCo v3's
+    augmented crops, forwarding the backbone every epoch. Small sets have no probe
+    augmentation, so their features are computed once and cached (same result, far
+    cheaper). Returns validation top-1 in %, over every validation image exactly once."""
+    device = next(backbone.parameters()).device
+    epochs = args.lin_epochs if args.lin_epochs is not None else (90 if meta["folder"] else 30)
+    batch = args.lin_batch if args.lin_batch is not None else (1024 if meta["folder"] else 256)
+    if batch % world():
+        raise BadInput(f"--lin-batch {batch} does not divide across {world()} processes")
+    train, val, _ = base_datasets(args)
+    train = subset(train, args.subset, args.seed)
+    backbone.eval()
+    backbone.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
+    torch.manual_seed(args.seed)  # the same head initialisation and data order on every rank
+    head = nn.Linear(backbone.feat_dim, meta["classes"]).to(device)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    lr = args.lin_lr * batch / 256
+
+    if meta["folder"]:
+        ds = Views(train, eval_transform(meta, train_aug=True), 1)
+        sampler = DistributedSampler(ds, world(), rank(), shuffle=True, seed=args.seed, drop_last=True)
+        data = loader(ds, batch // world(), args.workers, sampler=sampler, drop_last=True)
+        model = DistributedDataParallel(head) if world() > 1 else head
+    else:
+        x_train, y_train = features(args, backbone, Views(train, eval_transform(meta), 1), 256)
+        x_train, y_train = gather_rows(x_train), gather_rows(y_train)
+        model = head  # every rank trains the same head on the same cached features
+    steps = len(data) if meta["folder"] else len(x_train) // batch
+    if steps == 0:
+        raise BadInput(f"--lin-batch {batch} is larger than the {len(train)} probe training images")
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=args.lin_wd)
+    bar = tqdm(range(epochs), desc="linear probe", disable=rank() != 0, dynamic_ncols=True, leave=False)
+    for epoch in bar:
+        if meta["folder"]:
+            sampler.set_epoch(epoch)
+            batches = ((v[0].to(device, non_blocking=True), y.to(device)) for v, y, _ in data)
+        else:
+            perm = torch.randperm(len(x_train), device=device)[: steps * batch].view(steps, batch)
+            batches = ((x_train[p], y_train[p]) for p in perm)
+        for i, (x, y) in enumerate(batches):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * steps + i, epochs * steps, 0, lr)
+            if meta["folder"]:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    x = backbone(x.contiguous(memory_format=torch.channels_last))
+            loss = F.cross_entropy(model(x.float()), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if epoch == 0:
+            # Protocol check: no BN statistic and no weight of the backbone moved.
+            for k, v in backbone.state_dict().items():
+                if not torch.equal(v, frozen[k]):
+                    raise RuntimeError(f"linear protocol violated: backbone tensor {k} changed during the probe")
+    x_val, y_val = features(args, backbone, Views(val, eval_transform(meta), 1), 256)
+    with torch.no_grad():
+        correct = (head(x_val).argmax(1) == y_val).sum()
+    acc = _sum_over_ranks(correct, len(x_val), len(val))
+    log_line(args, dict(linear_top1=acc, lin_epochs=epochs, lin_batch=batch, lin_lr=lr))
+    return acc
+
