@@ -116,7 +116,7 @@ def test_info_nce_ddp_equals_single_process(tmp_path, world_size):
     that flows through other ranks' negatives."""
     torch.manual_seed(0)
     b, t = 4, 0.1
-    z1, z2 = torch.randn(2, world_size * b, 16, dtype=torch.float64)
+    z1, z2 = (torch.randn(world_size * b, 16, dtype=torch.float64) for _ in range(2))  # separate storages: old torch cannot pass one storage twice to mp.spawn
     mp.spawn(_ddp_worker, args=(world_size, free_port(), z1, z2, t, str(tmp_path)), nprocs=world_size)
     ref, (r1, r2) = grads(lambda a, c: info_nce_loss(a, c, t), z1, z2)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]

@@ -125,3 +125,28 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert not os.path.exists(path + ".tmp")
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="Debian's dataset-fashion-mnist is not installed (see README)")
+def test_fashion_mnist_offline_end_to_end(tmp_path):
+    import argparse
+
+    import common
+
+    train, val, meta = common.base_datasets(argparse.Namespace(data="fashion-mnist", data_root=str(tmp_path)))
+    assert (len(train), len(val)) == (60000, 10000)
+    assert meta == dict(size=28, channels=1, classes=10, stats=((0.286,), (0.353,)), folder=False)
+    assert torch.bincount(train.labels).tolist() == [6000] * 10  # the published class balance
+    assert abs(train.images.float().mean().item() / 255 - 0.286) < 0.001  # pixels parsed, not the header
+    out = str(tmp_path / "run")
+    p = run("simclr.py", "--data", "fashion-mnist", "--subset", "512", "--arch", "resnet18", "--batch", "128",
+            "--epochs", "1", "--workers", "0", "--knn-every", "0", "--lin-epochs", "1", "--out-dir", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(p.stdout))
+    assert log_records(out)[-1]["linear_top1"] > 10  # above chance over all 10,000 test images
