@@ -146,7 +146,8 @@ def test_fashion_mnist_offline_end_to_end(tmp_path):
     assert abs(train.images.float().mean().item() / 255 - 0.286) < 0.001  # pixels parsed, not the header
     out = str(tmp_path / "run")
     p = run("simclr.py", "--data", "fashion-mnist", "--subset", "512", "--arch", "resnet18", "--batch", "128",
-            "--epochs", "1", "--workers", "0", "--knn-every", "0", "--lin-epochs", "1", "--out-dir", out)
+            "--epochs", "1", "--workers", "0", "--knn-every", "0", "--lin-epochs", "20", "--lin-batch", "128",
+            "--out-dir", out)
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(p.stdout))
-    assert log_records(out)[-1]["linear_top1"] > 10  # above chance over all 10,000 test images
+    assert log_records(out)[-1]["linear_top1"] > 30  # well above chance (10%) over all 10,000 test images
