@@ -114,6 +114,24 @@ def gather_rows(x):
     return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
 
 
+def contrastive_logits(z1, z2, temperature):
+    """The similarity matrix every two-view loss starts from. z1, z2: (B, D) raw
+    projections of this rank. Normalises them, gathers all ranks' views (with gradient)
+    and returns
+      z      (2B, D)    this rank's anchors: view 1 rows, then view 2 rows;
+      logits (2B, 2BW)  s(anchor, candidate) / T against every view of the global batch,
+                        with each anchor's own column set to -inf (never a candidate);
+      pos    (2B,)      the column of each anchor's positive, the other view of its image.
+    Rank r's views sit at columns 2Br .. 2B(r+1)-1 in the same order as z."""
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = z @ gather_with_grad(z).T / temperature
+    rows = torch.arange(2 * b, device=z.device)
+    own = rank() * 2 * b + rows
+    logits = logits.scatter(1, own[:, None], float("-inf"))
+    return z, logits, rank() * 2 * b + (rows + b) % (2 * b)
+
+
 # ----------------------------------------------------------------------------- data
 
 NAMED = ("cifar10", "cifar100", "stl10", "fashion-mnist", "synthetic")
@@ -275,14 +293,22 @@ def eval_transform(meta, train_aug=False):
 
 
 def train_dataset(args, n_views=2):
+    # Under torchrun, local rank 0 reads (and if need be downloads) first, the others after.
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world() > 1 and not first:
+        dist.barrier()
     train, _, meta = base_datasets(args)
+    if world() > 1 and first:
+        dist.barrier()
     return Views(subset(train, args.subset, args.seed), simclr_transform(meta), n_views), meta
 
 
-def loader(ds, batch, workers, sampler=None, shuffle=False, drop_last=False):
-    return DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=shuffle, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-                      persistent_workers=workers > 0)
+def loader(ds, batch, workers, sampler=None, drop_last=False):
+    # Workers are not persistent: each epoch's workers then draw their seeds from the
+    # torch RNG at that epoch's start, which the checkpoint restores, so a resumed run
+    # sees the augmentations an uninterrupted one would have.
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=drop_last)
 
 
 class Shard(torch.utils.data.Sampler):
@@ -333,7 +359,7 @@ def forward_views(net, views, args):
     --precision fp32, channels_last) and return one fp32 (B, 128) tensor per view. The
     loss then runs outside autocast, so the similarity maths is fp32."""
     device = next(net.parameters()).device
-    x = torch.cat(views).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    x = torch.cat([v.to(device, non_blocking=True) for v in views]).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         z = net(x)
     return z.float().chunk(len(views))
@@ -437,6 +463,11 @@ def setup(args):
               (args.workers >= 0, "--workers must be >= 0"),
               (args.log_every > 0, "--log-every must be > 0"),
               (args.subset >= 0, "--subset must be >= 0"),
+              (args.knn_every >= 0, "--knn-every must be >= 0"),
+              (args.lin_epochs is None or args.lin_epochs >= 1, "--lin-epochs must be >= 1"),
+              (args.lin_batch is None or (args.lin_batch > 0 and args.lin_batch % w == 0),
+               f"--lin-batch {args.lin_batch} must be a positive multiple of the {w} processes"),
+              (args.lin_lr > 0, "--lin-lr must be > 0"),
               (args.arch in ARCHS, f"--arch {args.arch} is not supported; choose one of {', '.join(ARCHS)}")]
     for ok, msg in checks:
         if not ok:
@@ -488,7 +519,8 @@ def log_line(args, record):
 
 
 def pretrain(args, model, train_set, train_step, buffers=None):
-    """Train `model` with `train_step(net, views, index) -> loss` for args.epochs epochs.
+    """Train `model` with `train_step(net, views, index) -> loss` (or `(loss, {name:
+    scalar tensor})` to log more) for args.epochs epochs.
     LARS, warmup + cosine per step, DDP when distributed, optional torch.compile. One
     rolling checkpoint (model, optimizer, step, epoch, method `buffers` module, RNG,
     args) at the end of every epoch; resumes from it automatically."""
@@ -504,8 +536,13 @@ def pretrain(args, model, train_set, train_step, buffers=None):
     total, warmup = steps_per_epoch * args.epochs, round(steps_per_epoch * args.warmup_epochs)
     opt = LARS(model.parameters(), lr=args.base_lr, weight_decay=args.wd)
     path = os.path.join(args.out_dir, "checkpoint.pt")
+    found = torch.tensor([os.path.exists(path)], dtype=torch.float32, device=device)
+    if world() > 1:
+        dist.all_reduce(found)
+    if 0 < found.item() < world():  # rank 0 writes; every rank must read the same file
+        raise BadInput(f"only some processes see {path}; --out-dir must be on a file system shared by all nodes")
     start_epoch = 0
-    if os.path.exists(path):
+    if found.item():
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(ckpt["model"])
@@ -526,7 +563,12 @@ def pretrain(args, model, train_set, train_step, buffers=None):
         if rank() == 0:
             print(f"resumed from epoch {start_epoch} (step {ckpt['step']}) of {path}", flush=True)
     step = start_epoch * steps_per_epoch
-    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world() > 1 else model
+    if world() > 1:  # with SyncBatchNorm on GPUs the BN buffers already agree; no broadcast needed
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                      broadcast_buffers=device.type != "cuda")
+    else:
+        net = model
+    torch.backends.cudnn.benchmark = True
     if args.compile:
         net = torch.compile(net)
 
@@ -540,35 +582,43 @@ def pretrain(args, model, train_set, train_step, buffers=None):
                 lr = lr_at(step, total, warmup, args.base_lr)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss = train_step(net, views, index.to(device))
+                loss = train_step(net, views, index.to(device, non_blocking=True))
+                loss, extras = loss if isinstance(loss, tuple) else (loss, {})  # extras: scalars to log
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step, seen = step + 1, seen + args.batch
                 nonfinite |= ~torch.isfinite(loss.detach())
                 if step % args.log_every == 0 or i == steps_per_epoch - 1:
-                    value = loss.item()  # synchronises; the rate below is therefore honest on GPU
-                    if nonfinite:
-                        raise BadInput(f"loss is {value} at step {step}; stopped, the last good checkpoint {path} is intact; "
-                                       f"lower --lr or check the data")
+                    logged = torch.stack([loss.detach(), nonfinite.float()] + [v.float() for v in extras.values()])
+                    if world() > 1:  # all ranks stop together; the logged values are means over ranks
+                        dist.all_reduce(logged)
+                        logged[[0] + list(range(2, len(logged)))] /= world()
+                    value, *extra_values = [logged[0].item()] + logged[2:].tolist()  # synchronises: honest rate
+                    if logged[1] > 0:
+                        raise BadInput(f"non-finite loss by step {step} (now {value}); stopped, the last good "
+                                       f"checkpoint {path} is intact; lower --lr or check the data")
                     rate, tick, seen = seen / (time.time() - tick), time.time(), 0
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
                     log_line(args, dict(epoch=epoch + 1, step=step, loss=value, lr=lr, img_per_s=rate,
-                                        views_per_s=rate * len(views)))
-        if world() > 1:  # one rank's NaN reaches every rank's weights through the gradients
+                                        views_per_s=rate * len(views), **dict(zip(extras, extra_values))))
+        # The weights too: a last step can blow them up after a finite loss.
+        nonfinite |= ~torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+        if world() > 1:
             dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
         if nonfinite:
-            raise BadInput(f"non-finite loss in epoch {epoch + 1}; stopped, the last good checkpoint {path} is intact")
+            raise BadInput(f"non-finite loss or weights in epoch {epoch + 1}; stopped, the last good checkpoint "
+                           f"{path} is intact; lower --lr or check the data")
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            acc = knn_monitor(args, model.backbone)  # before the RNG snapshot: it draws from the RNG too
+            log_line(args, dict(epoch=epoch + 1, knn_top1=acc))
+            if rank() == 0:
+                print(f"epoch {epoch + 1}: kNN top-1 {acc:.2f}%", flush=True)
         state = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, epoch=epoch + 1,
                      buffers=buffers.state_dict() if buffers is not None else None, rng=_rng_state(), args=vars(args))
         if rank() == 0:
             save_checkpoint(path, state)
             print(f"epoch {epoch + 1}/{args.epochs} done: step {step}, loss {value:.4f}", flush=True)
-        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            acc = knn_monitor(args, model.backbone)
-            log_line(args, dict(epoch=epoch + 1, knn_top1=acc))
-            if rank() == 0:
-                print(f"epoch {epoch + 1}: kNN top-1 {acc:.2f}%", flush=True)
     if rank() == 0:
         torch.save(model.backbone.state_dict(), os.path.join(args.out_dir, "backbone.pt"))
 
@@ -597,7 +647,7 @@ def knn_monitor(args, backbone, k=200, temperature=0.1):
     backbone.eval()
     plain = eval_transform(meta)
     bank, bank_y = features(args, backbone, Views(subset(train, args.subset, args.seed), plain, 1), 256)
-    bank, bank_y = F.normalize(gather_rows(bank), dim=1), gather_rows(bank_y)
+    bank, bank_y = gather_rows(F.normalize(bank, dim=1)), gather_rows(bank_y)
     q, qy = features(args, backbone, Views(val, plain, 1), 256)
     q = F.normalize(q, dim=1)
     correct = torch.zeros((), device=q.device)
@@ -632,7 +682,7 @@ def linear_eval(args, backbone, meta):
     epochs = args.lin_epochs if args.lin_epochs is not None else (90 if meta["folder"] else 30)
     batch = args.lin_batch if args.lin_batch is not None else (1024 if meta["folder"] else 256)
     if batch % world():
-        raise BadInput(f"--lin-batch {batch} does not divide across {world()} processes")
+        raise BadInput(f"--lin-batch {batch} does not divide across {world()} processes; set --lin-batch")
     train, val, _ = base_datasets(args)
     train = subset(train, args.subset, args.seed)
     backbone.eval()

@@ -11,7 +11,6 @@ Defaults are the paper's ImageNet recipe: ResNet-50, LARS with lr 0.075 x sqrt(B
 repository is about (the paper's headline runs use 4096).
 """
 import torch
-import torch.nn.functional as F
 
 import common
 
@@ -29,14 +28,8 @@ def info_nce_loss(z1, z2, temperature=0.1, chunk_size=None):
     chunk_size: accepted for the memory-efficient path (the chunked-similarity issue);
     until that lands the logits are always computed densely.
     """
-    b = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2B, D) local anchors: view 1 rows, then view 2 rows
-    candidates = common.gather_with_grad(z)  # (2BW, D), rank r's anchors at rows 2Br .. 2B(r+1)-1
-    logits = z @ candidates.T / temperature  # (2B, 2BW)
-    rows = torch.arange(2 * b, device=z.device)
-    own = common.rank() * 2 * b + rows  # each anchor's own column
-    pos = common.rank() * 2 * b + (rows + b) % (2 * b)  # the other view of the same image
-    logits = logits.masked_fill(F.one_hot(own, logits.shape[1]).bool(), float("-inf"))
+    _, logits, pos = common.contrastive_logits(z1, z2, temperature)  # (2B, 2BW), self excluded
+    rows = torch.arange(len(pos), device=pos.device)
     return (torch.logsumexp(logits, dim=1) - logits[rows, pos]).mean()
 
 
