@@ -487,6 +487,14 @@ def setup(args):
     return device
 
 
+def build(args, n_views=2):
+    """setup + the pretraining set with n_views views per image + the model on this
+    rank's device: what every method's main starts with."""
+    device = setup(args)
+    train_set, meta = train_dataset(args, n_views)
+    return make_model(args, meta, device), train_set, meta
+
+
 # ----------------------------------------------------------------------------- training loop
 
 
@@ -677,7 +685,7 @@ def linear_eval(args, backbone, meta):
     to be bit-identical after the first epoch. Photo folders train the probe on MoCo v3's
     augmented crops, forwarding the backbone every epoch. Small sets have no probe
     augmentation, so their features are computed once and cached (same result, far
-    cheaper). Returns validation top-1 in %, over every validation image exactly once."""
+    cheaper). Prints and returns validation top-1 in %, over every validation image once."""
     device = next(backbone.parameters()).device
     epochs = args.lin_epochs if args.lin_epochs is not None else (90 if meta["folder"] else 30)
     batch = args.lin_batch if args.lin_batch is not None else (1024 if meta["folder"] else 256)
@@ -736,5 +744,7 @@ def linear_eval(args, backbone, meta):
         correct = (head(x_val).argmax(1) == y_val).sum()
     acc = _sum_over_ranks(correct, len(x_val), len(val))
     log_line(args, dict(linear_top1=acc, lin_epochs=epochs, lin_batch=batch, lin_lr=lr))
+    if rank() == 0:
+        print(f"linear top-1: {acc:.2f}%", flush=True)  # the last line every script prints
     return acc
 

@@ -57,13 +57,9 @@ def train_step(net, views, index, args):
 
 def main():
     args = get_args()
-    device = common.setup(args)
-    train_set, meta = common.train_dataset(args, n_views=2)
-    model = common.make_model(args, meta, device)
+    model, train_set, meta = common.build(args, n_views=2)
     common.pretrain(args, model, train_set, lambda net, views, index: train_step(net, views, index, args))
-    top1 = common.linear_eval(args, model.backbone, meta)
-    if common.rank() == 0:
-        print(f"linear top-1: {top1:.2f}%", flush=True)
+    common.linear_eval(args, model.backbone, meta)  # prints `linear top-1: XX.XX%`, the last line
 
 
 if __name__ == "__main__":

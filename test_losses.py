@@ -1,6 +1,6 @@
 """test_losses.py: every loss against a naive loop written from the paper's equation
 (values and input gradients), analytic cases, DDP == single process (2-process gloo),
-LARS and the lr schedule. CPU only, float64 where the comparison must be tight."""
+SogCLR's u, LARS and the lr schedule. CPU only, float64 where comparisons must be tight."""
 import math
 import os
 import socket
@@ -11,7 +11,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import common
+from dcl import dcl_loss
+from flatnce import flatnce_loss
+from polyview import OBJECTIVES, polyview_loss
 from simclr import info_nce_loss
+from sogclr import SogCLRLoss
 
 # ----------------------------------------------------------------------------- oracles
 
@@ -28,6 +32,47 @@ def naive_info_nce(z1, z2, temperature):
         denominator = sum(torch.exp(torch.dot(views[i], views[k]) / temperature) for k in range(2 * n) if k != i)
         total = total - torch.log(numerator / denominator)
     return total / (2 * n)
+
+
+def naive_dcl(z1, z2, temperature, sigma=None):
+    """DCL (Yeh et al. eq. 6): for each of the 2N views i of image m, other view o,
+    l(i) = -w_m s(i, o)/T + log sum over both views k of every other image of exp(s(i, k)/T);
+    w = 1, or DCLW's detached w_m = 2 - exp(s(m1, m2)/sigma) / mean_j exp(s(j1, j2)/sigma)."""
+    views = [v / v.norm() for v in list(z1) + list(z2)]
+    n = len(z1)
+    w = [1.0] * n
+    if sigma is not None:
+        e = [torch.exp(torch.dot(views[m], views[m + n]).detach() / sigma) for m in range(n)]
+        w = [2 - e[m] / (sum(e) / n) for m in range(n)]
+    total = 0.0
+    for i in range(2 * n):
+        m, other = i % n, (i + n) % (2 * n)
+        negatives = sum(torch.exp(torch.dot(views[i], views[k]) / temperature) for k in range(2 * n) if k % n != m)
+        total = total - w[m] * torch.dot(views[i], views[other]) / temperature + torch.log(negatives)
+    return total / (2 * n)
+
+
+def naive_sogclr(z1, z2, index, u, temperature, gamma):
+    """SogCLR (Yuan et al. Algorithm 1) one anchor at a time. Returns the surrogate whose
+    gradient is the issue's formula, the logged value, and the updated u (a copy)."""
+    views = [v / v.norm() for v in list(z1) + list(z2)]
+    n = len(z1)
+    u = u.clone()
+    surrogate, value, new = 0.0, 0.0, {}
+    for i in range(2 * n):
+        m, other = i % n, (i + n) % (2 * n)
+        terms = [torch.exp(torch.dot(views[i], views[k]) / temperature) for k in range(2 * n) if k % n != m]
+        g = sum(terms) / len(terms)  # mean over N_i
+        u_i = u[index[m]].item()
+        rate = 1.0 if u_i == 0 else gamma
+        u_new = (1 - rate) * u_i + rate * g.item()
+        positive = torch.dot(views[i], views[other]) / temperature
+        surrogate = surrogate - positive + g / u_new
+        value = value - positive.item() + math.log(u_new)
+        new.setdefault(int(index[m]), []).append(u_new)
+    for k, v in new.items():
+        u[k] = sum(v) / 2
+    return surrogate / (2 * n), value / (2 * n), u
 
 
 def grads(fn, *inputs):
@@ -89,7 +134,92 @@ def test_info_nce_accepts_chunk_size():
     torch.testing.assert_close(info_nce_loss(z1, z2, 0.1, chunk_size=4), info_nce_loss(z1, z2, 0.1))
 
 
+# ----------------------------------------------------------------------------- DCL, DCLW, FlatNCE
+
+
+@pytest.mark.parametrize("sigma", [None, 0.5])
+@pytest.mark.parametrize("n,temperature", [(2, 0.5), (6, 0.1)])
+def test_dcl_matches_naive_loop(n, temperature, sigma):
+    z1, z2 = (torch.randn(n, 5, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in (n, n + 1))
+    value, (g1, g2) = grads(lambda a, b: dcl_loss(a, b, temperature, sigma), z1, z2)
+    ref, (r1, r2) = grads(lambda a, b: naive_dcl(a, b, temperature, sigma), z1, z2)
+    torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
+
+
+def test_dcl_analytic_and_weights():
+    n, t = 5, 0.2
+    eye = torch.eye(n, dtype=torch.float64)
+    # Views equal, images orthogonal: -1/T + log(2N - 2), the positive is not in the denominator.
+    assert math.isclose(dcl_loss(eye, eye, t).item(), -1 / t + math.log(2 * n - 2), rel_tol=1e-12)
+    # Equal positive similarities give DCLW weights of exactly 1, so DCLW == DCL.
+    assert math.isclose(dcl_loss(eye, eye, t, sigma=0.5).item(), dcl_loss(eye, eye, t).item(), rel_tol=1e-12)
+
+
+def test_flatnce_value_is_info_nce_and_gradient_is_dcl():
+    z1, z2 = (torch.randn(7, 6, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in (3, 4))
+    value, (g1, g2) = grads(lambda a, b: flatnce_loss(a, b, 0.1), z1, z2)
+    ref_value = naive_info_nce(z1, z2, 0.1)
+    _, (r1, r2) = grads(lambda a, b: naive_dcl(a, b, 0.1), z1, z2)
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
+    # ... and not InfoNCE's gradient, which carries the extra factor from the positive.
+    _, (i1, _) = grads(lambda a, b: naive_info_nce(a, b, 0.1), z1, z2)
+    assert not torch.allclose(g1, i1)
+
+
+def test_flatnce_logs_positive_probability():
+    z1, z2 = (torch.randn(4, 6, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in (5, 6))
+    _, p_pos = flatnce_loss(z1, z2, 0.1, with_p_pos=True)
+    views = [v / v.norm() for v in list(z1) + list(z2)]
+    probs = []
+    for i in range(8):
+        e = [torch.exp(torch.dot(views[i], views[k]) / 0.1) for k in range(8) if k != i]
+        probs.append(torch.exp(torch.dot(views[i], views[(i + 4) % 8]) / 0.1) / sum(e))
+    torch.testing.assert_close(p_pos, sum(probs) / 8)
+
+
+# ----------------------------------------------------------------------------- SogCLR
+
+
+def test_sogclr_matches_naive_loop_over_three_steps():
+    """Values, input gradients (the issue's formula) and u after each of three steps whose
+    indices overlap, starting from u = 0 (first visit: gamma 1)."""
+    g = torch.Generator().manual_seed(7)
+    loss_fn = SogCLRLoss(10, temperature=0.2, gamma=0.9).double()
+    for step, index in enumerate(([0, 1, 2, 3], [2, 3, 4, 5], [5, 0, 9, 3])):
+        index = torch.tensor(index)
+        z1, z2 = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+        u_before = loss_fn.u.clone()
+        value, (g1, g2) = grads(lambda a, b: loss_fn(a, b, index), z1, z2)
+        _, ref_value, ref_u = naive_sogclr(z1, z2, index, u_before, 0.2, 0.9)
+        _, (r1, r2) = grads(lambda a, b: naive_sogclr(a, b, index, u_before, 0.2, 0.9)[0], z1, z2)
+        assert math.isclose(value.item(), ref_value, rel_tol=1e-10), step
+        torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(loss_fn.u, ref_u, rtol=1e-12, atol=0)
+    assert (loss_fn.u[[6, 7, 8]] == 0).all() and (loss_fn.u[[0, 1, 2, 3, 4, 5, 9]] > 0).all()
+
+
+def test_sogclr_state_round_trips_bit_exactly():
+    loss_fn = SogCLRLoss(6)
+    loss_fn(torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 4, 5]))
+    restored = SogCLRLoss(6)
+    restored.load_state_dict(loss_fn.state_dict())
+    assert torch.equal(restored.u, loss_fn.u) and restored.u.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------- DDP == one process
+
+TWO_VIEW_LOSSES = {
+    "info_nce": lambda a, b: info_nce_loss(a, b, 0.1),
+    "dcl": lambda a, b: dcl_loss(a, b, 0.1),
+    "dclw": lambda a, b: dcl_loss(a, b, 0.1, sigma=0.5),
+    "flatnce": lambda a, b: flatnce_loss(a, b, 0.1),
+}
+SOGCLR_STEPS = ([0, 1, 2, 3, 4, 5, 6, 7], [4, 5, 6, 7, 8, 9, 10, 11], [11, 0, 9, 2, 7, 4, 5, 14])
 
 
 def free_port():
@@ -98,33 +228,186 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(r, w, port, z1, z2, temperature, out):
+def _ddp_worker(r, w, port, name, zs, out):
+    """Rank r of w: its slice of every step's global batch, through the named loss."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=w)
     try:
-        b = z1.shape[0] // w
-        value, (g1, g2) = grads(lambda a, c: info_nce_loss(a, c, temperature),
-                                z1[r * b:(r + 1) * b], z2[r * b:(r + 1) * b])
-        torch.save(dict(loss=value, g1=g1, g2=g2), os.path.join(out, f"rank{r}.pt"))
+        results = []
+        sog = SogCLRLoss(16, temperature=0.1, gamma=0.9).double() if name == "sogclr" else None
+        for step, (z1, z2) in enumerate(zs):
+            b = z1.shape[0] // w
+            part = slice(r * b, (r + 1) * b)
+            if sog is None:
+                fn = TWO_VIEW_LOSSES[name]
+            else:
+                fn = lambda a, c: sog(a, c, torch.tensor(SOGCLR_STEPS[step])[part])  # noqa: E731
+            value, (g1, g2) = grads(fn, z1[part], z2[part])
+            results.append(dict(loss=value, g1=g1, g2=g2, u=sog.u.clone() if sog is not None else None))
+        torch.save(results, os.path.join(out, f"rank{r}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", list(TWO_VIEW_LOSSES) + ["sogclr"])
+def test_ddp_equals_single_process(tmp_path, name):
+    """With W ranks each holding B of the W*B images, the mean of the rank losses is the
+    single-process loss of the global batch, and rank r's input gradient / W is the
+    single-process gradient of its slice. Fails if gather_with_grad drops the gradient
+    that flows through other ranks' negatives, or a statistic (DCLW's mean) is local.
+    SogCLR runs three steps with overlapping indices: u must equal the single-process u
+    on both ranks after every step."""
+    w, b = 2, 4
+    g = torch.Generator().manual_seed(0)
+    steps = 3 if name == "sogclr" else 1
+    # separate storages per tensor: older torch cannot pass one storage twice to mp.spawn
+    zs = [tuple(torch.randn(w * b, 16, generator=g, dtype=torch.float64) for _ in range(2)) for _ in range(steps)]
+    mp.spawn(_ddp_worker, args=(w, free_port(), name, zs, str(tmp_path)), nprocs=w)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(w)]
+    sog = SogCLRLoss(16, temperature=0.1, gamma=0.9).double()
+    for step, (z1, z2) in enumerate(zs):
+        fn = TWO_VIEW_LOSSES.get(name) or (lambda a, c: sog(a, c, torch.tensor(SOGCLR_STEPS[step])))  # noqa: B023
+        ref, (r1, r2) = grads(fn, z1, z2)
+        torch.testing.assert_close(sum(p[step]["loss"] for p in parts) / w, ref, rtol=1e-12, atol=1e-12)
+        for r, p in enumerate(parts):
+            torch.testing.assert_close(p[step]["g1"] / w, r1[r * b:(r + 1) * b], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(p[step]["g2"] / w, r2[r * b:(r + 1) * b], rtol=1e-10, atol=1e-12)
+            if name == "sogclr":
+                assert torch.equal(p[step]["u"], parts[0][step]["u"])  # identical on every rank
+                torch.testing.assert_close(p[step]["u"], sog.u, rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- Poly-View
+
+
+def naive_polyview(z, temperature, objective):
+    """Poly-View (Shidani et al. 2024), one anchor (sample i, view a) at a time, no matrix
+    tricks. z: (M, N, D). e(x, y) = exp(cos(x, y) / T); every objective is averaged over
+    the M x N anchors."""
+    m, n = z.shape[:2]
+    v = [[z[a, i] / z[a, i].norm() for i in range(n)] for a in range(m)]  # v[a][i]: view a of sample i
+
+    def e(x, y):
+        return torch.exp(torch.dot(x, y) / temperature)
+
+    def p(i, a, b):
+        # candidates: (i, b) and every view of every other sample
+        negatives = sum(e(v[a][i], v[c][k]) for k in range(n) if k != i for c in range(m))
+        return e(v[a][i], v[b][i]) / (e(v[a][i], v[b][i]) + negatives)
+
+    def nt_xent(i, a, b):
+        # NT-Xent on views a and b only: every view a or b except the anchor itself
+        denominator = sum(e(v[a][i], v[c][k]) for k in range(n) for c in (a, b) if (k, c) != (i, a))
+        return -torch.log(e(v[a][i], v[b][i]) / denominator)
+
+    total = 0.0
+    for i in range(n):
+        for a in range(m):
+            others = [b for b in range(m) if b != a]
+            if objective == "geometric":
+                total = total - sum(torch.log(p(i, a, b)) for b in others) / (m - 1)
+            elif objective == "arithmetic":
+                total = total - torch.log(sum(p(i, a, b) for b in others) / (m - 1))
+            elif objective == "multicrop":
+                total = total + sum(nt_xent(i, a, b) for b in others) / (m - 1)
+            else:  # sufficient: t_k^a, the normalised mean of sample k's other views
+                t = []
+                for k in range(n):
+                    mean = sum(v[b][k] for b in others) / (m - 1)
+                    t.append(mean / mean.norm())
+                total = total - torch.log(e(v[a][i], t[i]) / sum(e(v[a][i], t[k]) for k in range(n)))
+    return total / (m * n)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("m,n,temperature", [(2, 4, 0.5), (3, 5, 0.1), (4, 3, 0.2), (3, 1, 0.3)])
+def test_polyview_matches_naive_loop(objective, m, n, temperature):
+    z = torch.randn(m, n, 6, generator=torch.Generator().manual_seed(10 * m + n), dtype=torch.float64)
+    value, (g,) = grads(lambda x: polyview_loss(x, temperature, objective), z)
+    ref, (r,) = grads(lambda x: naive_polyview(x, temperature, objective), z)
+    torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["geometric", "arithmetic", "multicrop"])
+def test_polyview_two_views_is_info_nce(objective):
+    z = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    value, (g,) = grads(lambda x: polyview_loss(x, 0.1, objective), z)
+    ref, (r1, r2) = grads(lambda a, b: info_nce_loss(a, b, 0.1), z[0], z[1])
+    torch.testing.assert_close(value, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, torch.stack([r1, r2]), rtol=1e-10, atol=1e-12)
+
+
+def test_polyview_objectives_differ_and_order():
+    z = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    values = {o: polyview_loss(z, 0.1, o).item() for o in OBJECTIVES}
+    assert len(set(values.values())) == len(OBJECTIVES), values
+    # Jensen: -log of the mean of the p_iab is at most the mean of the -log p_iab.
+    assert values["arithmetic"] < values["geometric"]
+
+
+def test_polyview_invariances_and_dtype():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 6, 8, generator=g, dtype=torch.float64)
+    for o in OBJECTIVES:
+        base = polyview_loss(z, 0.1, o)
+        torch.testing.assert_close(polyview_loss(z[:, torch.randperm(6, generator=g)], 0.1, o), base)  # samples
+        torch.testing.assert_close(polyview_loss(z[torch.randperm(3, generator=g)], 0.1, o), base)  # views
+        torch.testing.assert_close(polyview_loss(z * (torch.rand(3, 6, 1, generator=g, dtype=torch.float64) + 0.1), 0.1, o), base)
+        torch.testing.assert_close(polyview_loss(z, 0.1, o, chunk_size=2), base)
+        assert polyview_loss(z.float(), 0.1, o).dtype == torch.float32
+        torch.testing.assert_close(polyview_loss(z.float(), 0.1, o).double(), base, rtol=1e-5, atol=1e-6)
+
+
+def test_polyview_analytic_case():
+    # All views of a sample equal, samples orthogonal: p_iab = e^{1/T} / (e^{1/T} + M(N-1)).
+    m, n, t = 3, 5, 0.2
+    z = torch.eye(n, dtype=torch.float64).expand(m, n, n)
+    expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + m * (n - 1)))
+    for o in ("geometric", "arithmetic"):
+        assert math.isclose(polyview_loss(z, t, o).item(), expected, rel_tol=1e-12)
+
+
+def test_polyview_rejects_bad_input():
+    z = torch.randn(3, 4, 5)
+    with pytest.raises(ValueError, match="objective"):
+        polyview_loss(z, 0.1, "harmonic")
+    with pytest.raises(ValueError, match="2 views"):
+        polyview_loss(z[:1], 0.1)
+
+
+def _polyview_ddp_worker(r, w, port, z, temperature, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=w)
+    try:
+        b = z.shape[1] // w
+        result = {}
+        for o in OBJECTIVES:
+            value, (g,) = grads(lambda x: polyview_loss(x, temperature, o), z[:, r * b:(r + 1) * b])
+            result[o] = dict(loss=value, grad=g)
+        torch.save(result, os.path.join(out, f"rank{r}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world_size", [2])
-def test_info_nce_ddp_equals_single_process(tmp_path, world_size):
-    """With W ranks each holding B of the W*B images, the mean of the rank losses is the
-    single-process loss of the global batch, and rank r's input gradient / W is the
-    single-process gradient of its slice. Fails if gather_with_grad drops the gradient
-    that flows through other ranks' negatives."""
+def test_polyview_ddp_equals_single_process(tmp_path, world_size):
+    """As test_info_nce_ddp_equals_single_process, for every objective: W ranks holding B
+    samples each (M views) give mean loss == single-process loss of the W*B samples, and
+    rank r's input gradient / W == the single-process gradient of its slice."""
     torch.manual_seed(0)
-    b, t = 4, 0.1
-    z1, z2 = (torch.randn(world_size * b, 16, dtype=torch.float64) for _ in range(2))  # separate storages: old torch cannot pass one storage twice to mp.spawn
-    mp.spawn(_ddp_worker, args=(world_size, free_port(), z1, z2, t, str(tmp_path)), nprocs=world_size)
-    ref, (r1, r2) = grads(lambda a, c: info_nce_loss(a, c, t), z1, z2)
+    m, b, t = 3, 3, 0.1
+    z = torch.randn(m, world_size * b, 6, dtype=torch.float64)  # one tensor, sliced in the worker
+    mp.spawn(_polyview_ddp_worker, args=(world_size, free_port(), z, t, str(tmp_path)), nprocs=world_size)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
-    torch.testing.assert_close(sum(p["loss"] for p in parts) / world_size, ref, rtol=1e-12, atol=1e-12)
-    for r, p in enumerate(parts):
-        torch.testing.assert_close(p["g1"] / world_size, r1[r * b:(r + 1) * b], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(p["g2"] / world_size, r2[r * b:(r + 1) * b], rtol=1e-10, atol=1e-12)
+    for o in OBJECTIVES:
+        ref, (g,) = grads(lambda x: polyview_loss(x, t, o), z)
+        torch.testing.assert_close(sum(p[o]["loss"] for p in parts) / world_size, ref, rtol=1e-12, atol=1e-12,
+                                   msg=lambda s: f"{o}: {s}")
+        for r, p in enumerate(parts):
+            torch.testing.assert_close(p[o]["grad"] / world_size, g[:, r * b:(r + 1) * b], rtol=1e-10, atol=1e-12,
+                                       msg=lambda s: f"{o}, rank {r}: {s}")
+
+
+# ----------------------------------------------------------------------------- common
 
 
 def test_gather_with_grad_is_identity_without_distributed():

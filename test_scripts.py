@@ -127,6 +127,74 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert not os.path.exists(path + ".tmp")
 
 
+# ----------------------------------------------------------------------------- the other methods
+
+
+PV_SMOKE = ["--data", "synthetic", "--arch", "resnet18", "--batch", "32", "--workers", "0", "--knn-every", "0",
+            "--lin-epochs", "2", "--pv-views", "3", "--subset", "128", "--lin-batch", "64"]
+
+
+SMALL = ["--data", "synthetic", "--arch", "resnet18", "--batch", "32", "--workers", "0", "--knn-every", "0",
+         "--lin-epochs", "2", "--lin-batch", "64", "--subset", "128", "--log-every", "1"]
+
+
+@pytest.mark.parametrize("script,flags", [("dcl.py", []), ("dcl.py", ["--dcl-sigma", "0.5"]), ("flatnce.py", [])])
+def test_method_trains_resumes_evaluates(tmp_path, script, flags):
+    out = str(tmp_path / "run")
+    first = run(script, *SMALL, *flags, "--epochs", "1", "--out-dir", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(script, *SMALL, *flags, "--epochs", "2", "--out-dir", out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from epoch 1 (step 4)" in second.stdout
+    assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(second.stdout)), second.stdout
+    records = [r for r in log_records(out) if "step" in r]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    if script == "flatnce.py":
+        assert all(0 < r["p_pos"] < 1 for r in records)  # p+ of the InfoNCE softmax is logged
+
+
+def test_sogclr_resume_is_exact(tmp_path):
+    """Two epochs in one go and one epoch plus a resumed one give bit-identical weights,
+    optimizer state and u: the checkpoint holds everything the run depends on."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    for out, epochs in ((straight, ["2"]), (split, ["1", "2"])):
+        for e in epochs:
+            p = run("sogclr.py", *SMALL, "--epochs", e, "--warmup-epochs", "1", "--out-dir", out)
+            assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from epoch 1 (step 4)" in p.stdout
+    a, b = (torch.load(os.path.join(o, "checkpoint.pt"), weights_only=True) for o in (straight, split))
+    assert a["step"] == b["step"] == 8
+    u = a["buffers"]["u"]
+    assert u.shape == (128,) and (u > 0).all()  # one entry per training image, every one visited
+    assert torch.equal(u, b["buffers"]["u"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["mu"], b["optimizer"]["state"][k]["mu"]), k
+
+
+@pytest.mark.parametrize("script,flag,value", [("dcl.py", "--dcl-sigma", "0"), ("sogclr.py", "--sogclr-gamma", "1.5"),
+                                               ("polyview.py", "--pv-views", "1")])
+def test_method_flags_are_checked(tmp_path, script, flag, value):
+    p = run(script, "--data", "synthetic", flag, value, "--out-dir", str(tmp_path / "run"))
+    assert_one_clear_line(p, flag)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_polyview_trains_resumes_evaluates(tmp_path):
+    out = str(tmp_path / "run")
+    first = run("polyview.py", *PV_SMOKE, "--epochs", "1", "--out-dir", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(first.stdout)), first.stdout
+    steps = 128 // 32  # --subset 128
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == steps
+    second = run("polyview.py", *PV_SMOKE, "--epochs", "2", "--out-dir", out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from epoch 1 (step {steps})" in second.stdout
+    assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(second.stdout)), second.stdout
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 2 * steps
+
+
 # ----------------------------------------------------------------------------- real data
 
 
