@@ -114,22 +114,95 @@ def gather_rows(x):
     return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
 
 
-def contrastive_logits(z1, z2, temperature):
-    """The similarity matrix every two-view loss starts from. z1, z2: (B, D) raw
-    projections of this rank. Normalises them, gathers all ranks' views (with gradient)
-    and returns
-      z      (2B, D)    this rank's anchors: view 1 rows, then view 2 rows;
-      logits (2B, 2BW)  s(anchor, candidate) / T against every view of the global batch,
-                        with each anchor's own column set to -inf (never a candidate);
-      pos    (2B,)      the column of each anchor's positive, the other view of its image.
-    Rank r's views sit at columns 2Br .. 2B(r+1)-1 in the same order as z."""
+# ----------------------------------------------------------------------------- similarity
+
+# Losses compute the (anchors x candidates) logits densely up to this many entries
+# (256 MiB in fp32), and in tiles of AUTO_CHUNK x AUTO_CHUNK beyond, unless told otherwise.
+DENSE_LIMIT = 2 ** 26
+AUTO_CHUNK = 4096
+
+
+def _tile_logits(anchors, candidates, temperature, exclude, col0):
+    """s/T for one tile, with each row's excluded columns (global indices) set to -inf."""
+    logits = anchors @ candidates.T / temperature
+    if exclude is not None:
+        n = logits.shape[1]
+        cols = exclude - col0
+        cols = torch.where((cols >= 0) & (cols < n), cols, n)  # outside this tile: a spare column
+        mask = torch.zeros(len(logits), n + 1, dtype=torch.bool, device=logits.device).scatter_(1, cols, True)
+        logits = logits.masked_fill(mask[:, :n], float("-inf"))
+    return logits
+
+
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """Exact logsumexp over tiles of chunk x chunk logits, never the whole matrix (the
+    Inf-CL idea). Forward: an online, max-shifted logsumexp per row in fp32. Backward:
+    recomputes each tile; d lse_a / d logit_ac is softmax_ac = exp(logit_ac - lse_a), so
+    grad_anchor_a = sum_c g_a softmax_ac cand_c / T and grad_cand_c = sum_a g_a softmax_ac anchor_a / T.
+    Memory O(chunk^2) beyond inputs and outputs."""
+
+    @staticmethod
+    def forward(ctx, anchors, candidates, temperature, exclude, chunk):
+        lse = torch.empty(len(anchors), dtype=anchors.dtype, device=anchors.device)
+        for r in range(0, len(anchors), chunk):
+            a, ex = anchors[r:r + chunk], None if exclude is None else exclude[r:r + chunk]
+            top = torch.full((len(a),), float("-inf"), dtype=a.dtype, device=a.device)
+            total = torch.zeros_like(top)
+            for c in range(0, len(candidates), chunk):
+                logits = _tile_logits(a, candidates[c:c + chunk], temperature, ex, c)
+                new_top = torch.maximum(top, logits.amax(1))
+                shift = new_top.masked_fill(new_top == float("-inf"), 0.0)  # rows with nothing yet
+                total = total * torch.exp(top - shift) + torch.exp(logits - shift[:, None]).sum(1)
+                top = new_top
+            lse[r:r + chunk] = top + torch.log(total)
+        ctx.save_for_backward(anchors, candidates, exclude, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        anchors, candidates, exclude, lse = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        grad_a, grad_c = torch.zeros_like(anchors), torch.zeros_like(candidates)
+        for r in range(0, len(anchors), chunk):
+            a, ex = anchors[r:r + chunk], None if exclude is None else exclude[r:r + chunk]
+            for c in range(0, len(candidates), chunk):
+                cand = candidates[c:c + chunk]
+                weight = torch.exp(_tile_logits(a, cand, t, ex, c) - lse[r:r + chunk, None]) * (grad[r:r + chunk, None] / t)
+                grad_a[r:r + chunk] += weight @ cand
+                grad_c[c:c + chunk] += weight.T @ a
+        return grad_a, grad_c, None, None, None
+
+
+def similarity_logsumexp(anchors, candidates, temperature, exclude=None, chunk_size=None):
+    """lse_a = log sum_{c not in exclude[a]} exp(<anchor_a, candidate_c> / T), shape (A,).
+    anchors (A, D), candidates (N, D), exclude (A, E) global column indices or None.
+    chunk_size: None chooses (dense while A x N <= DENSE_LIMIT, else tiles of AUTO_CHUNK);
+    0 is always dense; n > 0 is tiles of n x n (same values and gradients, O(n^2) memory)."""
+    if chunk_size is None:
+        chunk_size = 0 if len(anchors) * len(candidates) <= DENSE_LIMIT else AUTO_CHUNK
+    if chunk_size == 0:
+        return torch.logsumexp(_tile_logits(anchors, candidates, temperature, exclude, 0), dim=1)
+    return _ChunkedLogSumExp.apply(anchors, candidates, temperature, exclude, chunk_size)
+
+
+def two_view_terms(z1, z2, temperature, chunk_size=None):
+    """What every two-view loss is made of. z1, z2: (B, D) raw projections of this rank.
+    Normalises them, gathers all ranks' views as candidates (with gradient) and returns,
+    for this rank's 2B anchors (view 1 rows, then view 2 rows):
+      z        (2B, D)  the normalised anchors;
+      positive (2B,)    s(x_i^k, x_i^o) / T, the other view of the same image;
+      negative (2B,)    log sum_{z in N_i} exp(s(x_i^k, z) / T), N_i = both views of every
+                        other image of the global batch, 2(BW - 1) entries.
+    InfoNCE's denominator, which also holds the positive, is logaddexp(negative, positive)."""
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = z @ gather_with_grad(z).T / temperature
+    candidates = gather_with_grad(z)  # (2BW, D): rank r's views at rows 2Br .. 2B(r+1)-1
     rows = torch.arange(2 * b, device=z.device)
-    own = rank() * 2 * b + rows
-    logits = logits.scatter(1, own[:, None], float("-inf"))
-    return z, logits, rank() * 2 * b + (rows + b) % (2 * b)
+    partner = (rows + b) % (2 * b)
+    exclude = rank() * 2 * b + torch.stack([rows, partner], dim=1)  # itself and its positive
+    positive = (z * z[partner]).sum(1) / temperature
+    return z, positive, similarity_logsumexp(z, candidates, temperature, exclude, chunk_size)
 
 
 # ----------------------------------------------------------------------------- data
@@ -432,7 +505,8 @@ def get_parser(doc):
     p.add_argument("--wd", type=float, default=1e-6, help="LARS weight decay (not on biases and BN)")
     # loss
     p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument("--chunk-size", type=int, default=None, help="candidates per tile of the memory-efficient loss path")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="loss similarity tiles of N x N (0: dense; default: dense up to 2^26 logits, else 4096)")
     # system
     p.add_argument("--out-dir", default="./runs/default", help="checkpoint, log and weights; resumes if it holds a checkpoint")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU")
@@ -459,7 +533,7 @@ def setup(args):
               (args.lr is None or args.lr > 0, "--lr must be > 0"),
               (args.wd >= 0, "--wd must be >= 0"),
               (args.temperature > 0, "--temperature must be > 0"),
-              (args.chunk_size is None or args.chunk_size > 0, "--chunk-size must be > 0"),
+              (args.chunk_size is None or args.chunk_size >= 0, "--chunk-size must be >= 0 (0: dense)"),
               (args.workers >= 0, "--workers must be >= 0"),
               (args.log_every > 0, "--log-every must be > 0"),
               (args.subset >= 0, "--subset must be >= 0"),

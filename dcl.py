@@ -30,19 +30,18 @@ def dcl_loss(z1, z2, temperature=0.1, sigma=None, chunk_size=None):
     w_i = 2 - exp(s(x_i^1, x_i^2)/sigma) / mean_j exp(s(x_j^1, x_j^2)/sigma), the mean over
     the global batch, detached (a weight, not a path for the gradient).
     z1, z2: (B, D) raw projections of this rank, fp32 or fp64.
-    chunk_size: accepted for the memory-efficient path (the chunked-similarity issue);
-    until that lands the logits are always computed densely.
+    chunk_size: None computes the logits densely while they are small and in exact tiles
+    beyond (common.similarity_logsumexp); 0 forces dense, n > 0 tiles of n x n.
     """
-    z, logits, pos = common.contrastive_logits(z1, z2, temperature)  # (2B, 2BW), self excluded
-    rows = torch.arange(len(pos), device=pos.device)
-    negatives = logits.scatter(1, pos[:, None], float("-inf"))  # the decoupling: drop the positive
+    # The decoupling: `negative` is the log-sum over N_i alone, without the positive.
+    z, positive, negative = common.two_view_terms(z1, z2, temperature, chunk_size)  # (2B,) each
     weight = 1.0
     if sigma is not None:
         b = z1.shape[0]
         s_pos = (z[:b] * z[b:]).sum(1).detach()  # s(x_i^1, x_i^2) of this rank's images
         s_all = common.gather_with_grad(s_pos)  # ... and of the global batch, for the mean
         weight = (2 - torch.exp(s_pos / sigma) / torch.exp(s_all / sigma).mean()).repeat(2)  # both views share w_i
-    return (-weight * logits[rows, pos] + torch.logsumexp(negatives, dim=1)).mean()
+    return (-weight * positive + negative).mean()
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -30,14 +30,12 @@ def flatnce_loss(z1, z2, temperature=0.1, chunk_size=None, with_p_pos=False):
     other image of the global batch (the positive excluded).
     z1, z2: (B, D) raw projections of this rank, fp32 or fp64.
     with_p_pos: also return p+, the mean InfoNCE softmax probability of the positive.
-    chunk_size: accepted for the memory-efficient path (the chunked-similarity issue);
-    until that lands the logits are always computed densely.
+    chunk_size: None computes the logits densely while they are small and in exact tiles
+    beyond (common.similarity_logsumexp); 0 forces dense, n > 0 tiles of n x n.
     """
-    _, logits, pos = common.contrastive_logits(z1, z2, temperature)  # (2B, 2BW), self excluded
-    rows = torch.arange(len(pos), device=pos.device)
-    positive = logits[rows, pos]
-    v = torch.logsumexp(logits.scatter(1, pos[:, None], float("-inf")), dim=1) - positive
-    info_nce = torch.logsumexp(logits, dim=1) - positive  # per anchor, -log p+
+    _, positive, negative = common.two_view_terms(z1, z2, temperature, chunk_size)  # (2B,) each
+    v = negative - positive
+    info_nce = torch.logaddexp(negative, positive) - positive  # per anchor, -log p+
     loss = torch.exp(v - v.detach()).mean() - 1 + info_nce.mean().detach()
     return (loss, torch.exp(-info_nce).mean().detach()) if with_p_pos else loss
 

@@ -48,8 +48,8 @@ def polyview_loss(z, temperature=0.1, objective="geometric", chunk_size=None):
                   estimate; excluding view a keeps the positive from containing the anchor).
     With M = 2 the first three are NT-Xent (simclr.info_nce_loss); sufficient is not.
     z: (M, B, D) raw projections of this rank, fp32 or fp64.
-    chunk_size: accepted for the memory-efficient path (the chunked-similarity issue);
-    until that lands the logits are always computed densely.
+    chunk_size: None computes the logits densely while they are small and in exact tiles
+    beyond (common.similarity_logsumexp); 0 forces dense, n > 0 tiles of n x n.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -60,26 +60,29 @@ def polyview_loss(z, temperature=0.1, objective="geometric", chunk_size=None):
     # Sample-major rows so that gather_with_grad (dim 0) keeps each sample's views together;
     # rank r's samples are rows Br .. B(r+1)-1.
     cands = common.gather_with_grad(z.transpose(0, 1).contiguous())  # (BW, M, D)
-    rows = torch.arange(b, device=z.device)
-    own = common.rank() * b + rows  # each local sample's row in cands
+    own = common.rank() * b + torch.arange(b, device=z.device)  # each local sample's row in cands
+
+    def lse(anchors, targets, exclude):  # log-sum of exp(s/T) per anchor row, dense or tiled
+        return common.similarity_logsumexp(anchors, targets, temperature, exclude, chunk_size)
 
     if objective == "sufficient":
         # t_k^a from the other views only: (sum of all views - view a), normalised (the
         # 1/(M-1) of the mean cancels in the normalisation).
         t = F.normalize(cands.sum(1, keepdim=True) - cands, dim=-1)  # (BW, M, D): t[k, a]
-        logits = torch.einsum("aid,kad->aik", z, t) / temperature  # (M, B, BW)
-        return (torch.logsumexp(logits, dim=-1) - logits[:, rows, own]).mean()
+        denominator = torch.stack([lse(z[a], t[:, a], None) for a in range(m)])  # (M, B)
+        positive = (z * t[own].transpose(0, 1)).sum(-1) / temperature  # s(i^a, t_i^a)/T
+        return (denominator - positive).mean()
 
-    logits = torch.einsum("aid,kcd->aikc", z, cands) / temperature  # (M, B, BW, M): s(i^a, k^c)/T
-    pos = logits[:, rows, own]  # (M, B, M): s(i^a, i^b)/T, b = a included (dropped below)
-    same = (torch.arange(len(cands), device=z.device) == own[:, None])[None, :, :, None]  # k == i
-    others = logits.masked_fill(same, float("-inf"))  # every view of the other samples only
+    # others[c, a, i] = log sum_{k != i} exp(s(i^a, k^c)/T): view c of every other sample.
+    anchors, exclude = z.reshape(m * b, -1), own.repeat(m)[:, None]
+    others = torch.stack([lse(anchors, cands[:, c], exclude) for c in range(m)]).view(m, m, b)
+    pos = torch.einsum("aid,bid->aib", z, z) / temperature  # (M, B, M): s(i^a, i^b)/T, b = a dropped below
     if objective == "multicrop":
         # Candidates of pair (a, b): view a of every other sample, view b of every sample.
-        view_a = others.diagonal(dim1=0, dim2=3).permute(2, 0, 1)  # (M, B, BW): s(i^a, k^a)/T, k != i
-        log_p = pos - torch.logaddexp(view_a.logsumexp(-1, keepdim=True), logits.logsumexp(2))  # (M, B, M)
+        own_view = others.diagonal(dim1=0, dim2=1).T[..., None]  # (M, B, 1): others[a, a, i]
+        log_p = pos - torch.logaddexp(own_view, torch.logaddexp(others.permute(1, 2, 0), pos))
     else:
-        log_p = pos - torch.logaddexp(pos, others.logsumexp((2, 3))[..., None])  # (M, B, M): log p_iab
+        log_p = pos - torch.logaddexp(pos, others.logsumexp(0)[..., None])  # (M, B, M): log p_iab
     off_diag = ~torch.eye(m, dtype=torch.bool, device=z.device)
     log_p = log_p.transpose(1, 2)[off_diag].view(m, m - 1, b)  # [anchor view, target view != it, sample]
     if objective == "arithmetic":

@@ -25,12 +25,12 @@ def info_nce_loss(z1, z2, temperature=0.1, chunk_size=None):
     s is the cosine similarity, p(i) the other view of the same image, and k runs over
     all 2B x W views of the global batch except i itself (the positive included).
     z1, z2: (B, D) raw projections of the two views on this rank, fp32 or fp64.
-    chunk_size: accepted for the memory-efficient path (the chunked-similarity issue);
-    until that lands the logits are always computed densely.
+    chunk_size: None computes the logits densely while they are small and in exact tiles
+    beyond (common.similarity_logsumexp); 0 forces dense, n > 0 tiles of n x n.
     """
-    _, logits, pos = common.contrastive_logits(z1, z2, temperature)  # (2B, 2BW), self excluded
-    rows = torch.arange(len(pos), device=pos.device)
-    return (torch.logsumexp(logits, dim=1) - logits[rows, pos]).mean()
+    _, positive, negative = common.two_view_terms(z1, z2, temperature, chunk_size)  # (2B,) each
+    # The denominator sums the positive and the negatives: logaddexp(negative, positive).
+    return (torch.logaddexp(negative, positive) - positive).mean()
 
 
 # ----------------------------------------------------------------------------- arguments

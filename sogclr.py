@@ -40,16 +40,13 @@ class SogCLRLoss(nn.Module):
 
     def __init__(self, num_samples, temperature=0.1, gamma=0.9, chunk_size=None):
         super().__init__()
-        self.temperature, self.gamma, self.chunk_size = temperature, gamma, chunk_size  # chunk_size: dense for now
+        self.temperature, self.gamma, self.chunk_size = temperature, gamma, chunk_size  # chunk_size: as simclr.py
         self.register_buffer("u", torch.zeros(num_samples, dtype=torch.float32))
 
     def forward(self, z1, z2, index):
         """z1, z2: (B, D) raw projections of this rank; index: (B,) dataset indices."""
-        _, logits, pos = common.contrastive_logits(z1, z2, self.temperature)  # (2B, 2BW), self excluded
-        rows = torch.arange(len(pos), device=pos.device)
-        positive = logits[rows, pos]
-        negatives = logits.scatter(1, pos[:, None], float("-inf"))
-        g = torch.exp(negatives).sum(1) / (logits.shape[1] - 2)  # (2B,) mean over N_i
+        _, positive, negative = common.two_view_terms(z1, z2, self.temperature, self.chunk_size)  # (2B,) each
+        g = torch.exp(negative) / (2 * z1.shape[0] * common.world() - 2)  # (2B,) mean over N_i
         u_old = self.u[index].repeat(2).to(g.dtype)  # (2B,) both views of image i start from u_i
         gamma = torch.full_like(u_old, self.gamma).masked_fill(u_old == 0, 1.0)  # first visit: take g
         u_new = (1 - gamma) * u_old + gamma * g.detach()

@@ -1,9 +1,12 @@
 """test_losses.py: every loss against a naive loop written from the paper's equation
 (values and input gradients), analytic cases, DDP == single process (2-process gloo),
 SogCLR's u, LARS and the lr schedule. CPU only, float64 where comparisons must be tight."""
+import json
 import math
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 from dcl import dcl_loss
 from flatnce import flatnce_loss
 from polyview import OBJECTIVES, polyview_loss
@@ -218,6 +223,10 @@ TWO_VIEW_LOSSES = {
     "dcl": lambda a, b: dcl_loss(a, b, 0.1),
     "dclw": lambda a, b: dcl_loss(a, b, 0.1, sigma=0.5),
     "flatnce": lambda a, b: flatnce_loss(a, b, 0.1),
+    # the tiled path under DDP (tiles of 3 divide neither the 2B = 8 anchors nor the 16 candidates)
+    "info_nce/chunked": lambda a, b: info_nce_loss(a, b, 0.1, chunk_size=3),
+    "dclw/chunked": lambda a, b: dcl_loss(a, b, 0.1, sigma=0.5, chunk_size=3),
+    "flatnce/chunked": lambda a, b: flatnce_loss(a, b, 0.1, chunk_size=3),
 }
 SOGCLR_STEPS = ([0, 1, 2, 3, 4, 5, 6, 7], [4, 5, 6, 7, 8, 9, 10, 11], [11, 0, 9, 2, 7, 4, 5, 14])
 
@@ -233,7 +242,8 @@ def _ddp_worker(r, w, port, name, zs, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=w)
     try:
         results = []
-        sog = SogCLRLoss(16, temperature=0.1, gamma=0.9).double() if name == "sogclr" else None
+        chunk = 3 if name.endswith("chunked") else None
+        sog = SogCLRLoss(16, temperature=0.1, gamma=0.9, chunk_size=chunk).double() if name.startswith("sogclr") else None
         for step, (z1, z2) in enumerate(zs):
             b = z1.shape[0] // w
             part = slice(r * b, (r + 1) * b)
@@ -248,7 +258,7 @@ def _ddp_worker(r, w, port, name, zs, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", list(TWO_VIEW_LOSSES) + ["sogclr"])
+@pytest.mark.parametrize("name", list(TWO_VIEW_LOSSES) + ["sogclr", "sogclr/chunked"])
 def test_ddp_equals_single_process(tmp_path, name):
     """With W ranks each holding B of the W*B images, the mean of the rank losses is the
     single-process loss of the global batch, and rank r's input gradient / W is the
@@ -258,20 +268,20 @@ def test_ddp_equals_single_process(tmp_path, name):
     on both ranks after every step."""
     w, b = 2, 4
     g = torch.Generator().manual_seed(0)
-    steps = 3 if name == "sogclr" else 1
+    steps = 3 if name.startswith("sogclr") else 1
     # separate storages per tensor: older torch cannot pass one storage twice to mp.spawn
     zs = [tuple(torch.randn(w * b, 16, generator=g, dtype=torch.float64) for _ in range(2)) for _ in range(steps)]
     mp.spawn(_ddp_worker, args=(w, free_port(), name, zs, str(tmp_path)), nprocs=w)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(w)]
     sog = SogCLRLoss(16, temperature=0.1, gamma=0.9).double()
     for step, (z1, z2) in enumerate(zs):
-        fn = TWO_VIEW_LOSSES.get(name) or (lambda a, c: sog(a, c, torch.tensor(SOGCLR_STEPS[step])))  # noqa: B023
+        fn = TWO_VIEW_LOSSES.get(name.replace("/chunked", "")) or (lambda a, c: sog(a, c, torch.tensor(SOGCLR_STEPS[step])))
         ref, (r1, r2) = grads(fn, z1, z2)
         torch.testing.assert_close(sum(p[step]["loss"] for p in parts) / w, ref, rtol=1e-12, atol=1e-12)
         for r, p in enumerate(parts):
             torch.testing.assert_close(p[step]["g1"] / w, r1[r * b:(r + 1) * b], rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(p[step]["g2"] / w, r2[r * b:(r + 1) * b], rtol=1e-10, atol=1e-12)
-            if name == "sogclr":
+            if name.startswith("sogclr"):
                 assert torch.equal(p[step]["u"], parts[0][step]["u"])  # identical on every rank
                 torch.testing.assert_close(p[step]["u"], sog.u, rtol=1e-12, atol=0)
 
@@ -381,8 +391,9 @@ def _polyview_ddp_worker(r, w, port, z, temperature, out):
         b = z.shape[1] // w
         result = {}
         for o in OBJECTIVES:
-            value, (g,) = grads(lambda x: polyview_loss(x, temperature, o), z[:, r * b:(r + 1) * b])
-            result[o] = dict(loss=value, grad=g)
+            for chunk in (0, 2):  # dense, and tiles of 2 that divide neither M*B nor B*W
+                value, (g,) = grads(lambda x: polyview_loss(x, temperature, o, chunk), z[:, r * b:(r + 1) * b])
+                result[o, chunk] = dict(loss=value, grad=g)
         torch.save(result, os.path.join(out, f"rank{r}.pt"))
     finally:
         dist.destroy_process_group()
@@ -398,13 +409,119 @@ def test_polyview_ddp_equals_single_process(tmp_path, world_size):
     z = torch.randn(m, world_size * b, 6, dtype=torch.float64)  # one tensor, sliced in the worker
     mp.spawn(_polyview_ddp_worker, args=(world_size, free_port(), z, t, str(tmp_path)), nprocs=world_size)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
-    for o in OBJECTIVES:
-        ref, (g,) = grads(lambda x: polyview_loss(x, t, o), z)
-        torch.testing.assert_close(sum(p[o]["loss"] for p in parts) / world_size, ref, rtol=1e-12, atol=1e-12,
-                                   msg=lambda s: f"{o}: {s}")
+    for o, chunk in parts[0]:
+        ref, (g,) = grads(lambda x: polyview_loss(x, t, o, chunk_size=0), z)
+        torch.testing.assert_close(sum(p[o, chunk]["loss"] for p in parts) / world_size, ref, rtol=1e-12, atol=1e-12,
+                                   msg=lambda s: f"{o}, chunk {chunk}: {s}")
         for r, p in enumerate(parts):
-            torch.testing.assert_close(p[o]["grad"] / world_size, g[:, r * b:(r + 1) * b], rtol=1e-10, atol=1e-12,
-                                       msg=lambda s: f"{o}, rank {r}: {s}")
+            torch.testing.assert_close(p[o, chunk]["grad"] / world_size, g[:, r * b:(r + 1) * b], rtol=1e-10,
+                                       atol=1e-12, msg=lambda s: f"{o}, chunk {chunk}, rank {r}: {s}")
+
+
+# ----------------------------------------------------------------------------- chunked similarity
+
+
+def naive_masked_lse(anchors, candidates, temperature, exclude):
+    """log sum over the non-excluded candidates of exp(<a, c>/T), one row at a time."""
+    rows = []
+    for i, a in enumerate(anchors):
+        skip = set(exclude[i].tolist()) if exclude is not None else set()
+        terms = [torch.exp(torch.dot(a, c) / temperature) for j, c in enumerate(candidates) if j not in skip]
+        rows.append(torch.log(sum(terms)))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 7, 64])
+def test_similarity_logsumexp_matches_naive_and_excludes(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    a, c = torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randn(13, 5, generator=g, dtype=torch.float64)
+    exclude = torch.randint(0, 13, (10, 3), generator=g)
+    exclude[0] = torch.tensor([12, 12, 0])  # repeats and the last column, in different tiles
+    value, (ga, gc) = grads(lambda x, y: common.similarity_logsumexp(x, y, 0.3, exclude, chunk).sum(), a, c)
+    ref, (ra, rc) = grads(lambda x, y: naive_masked_lse(x, y, 0.3, exclude).sum(), a, c)
+    torch.testing.assert_close(value, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ga, ra, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gc, rc, rtol=1e-10, atol=1e-12)
+    # Excluded really means excluded: making excluded candidates huge changes nothing.
+    c_big = c.clone()
+    c_big[exclude[0]] *= 1e3
+    row0 = common.similarity_logsumexp(a[:1], c_big, 0.3, exclude[:1], chunk)
+    torch.testing.assert_close(row0, naive_masked_lse(a[:1], c, 0.3, exclude[:1]), rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_logsumexp_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    exclude = torch.tensor([[0], [6], [2], [3], [1]])
+    assert torch.autograd.gradcheck(lambda x, y: common.similarity_logsumexp(x, y, 0.5, exclude, 2), (a, c))
+
+
+CHUNKED_LOSSES = {
+    "info_nce": lambda a, b, k: info_nce_loss(a, b, 0.1, chunk_size=k),
+    "dcl": lambda a, b, k: dcl_loss(a, b, 0.1, chunk_size=k),
+    "dclw": lambda a, b, k: dcl_loss(a, b, 0.1, sigma=0.5, chunk_size=k),
+    "flatnce": lambda a, b, k: flatnce_loss(a, b, 0.1, chunk_size=k),
+    "sogclr": lambda a, b, k: SogCLRLoss(12, 0.1, 0.9, chunk_size=k).double()(a, b, torch.arange(len(a))),
+}
+
+
+@pytest.mark.parametrize("name", CHUNKED_LOSSES)
+def test_chunked_equals_dense_two_view(name):
+    """Tiles of 3 divide neither the 2B = 10 anchors nor the 10 candidates."""
+    z1, z2 = (torch.randn(5, 8, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in (11, 12))
+    fn = CHUNKED_LOSSES[name]
+    dense, (d1, d2) = grads(lambda a, b: fn(a, b, 0), z1, z2)
+    tiled, (t1, t2) = grads(lambda a, b: fn(a, b, 3), z1, z2)
+    torch.testing.assert_close(tiled, dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t1, d1, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(t2, d2, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_chunked_equals_dense_polyview(objective):
+    z = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    dense, (d,) = grads(lambda x: polyview_loss(x, 0.1, objective, chunk_size=0), z)
+    tiled, (t,) = grads(lambda x: polyview_loss(x, 0.1, objective, chunk_size=4), z)
+    torch.testing.assert_close(tiled, dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t, d, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["info_nce", "dcl", "dclw", "flatnce"])
+def test_large_logits_stay_finite_in_fp32(name):
+    """T = 0.01 puts logits near 100, where exp overflows fp32 without the max shift."""
+    z1 = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    z2 = z1 + 0.01 * torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+    fn = {"info_nce": info_nce_loss, "dcl": dcl_loss, "flatnce": flatnce_loss,
+          "dclw": lambda a, b, t, chunk_size: dcl_loss(a, b, t, 0.5, chunk_size)}[name]
+    for chunk in (0, 5):
+        value, (g1, g2) = grads(lambda a, b: fn(a, b, 0.01, chunk_size=chunk), z1, z2)
+        assert torch.isfinite(value) and torch.isfinite(g1).all() and torch.isfinite(g2).all()
+        ref = fn(z1.double(), z2.double(), 0.01, chunk_size=0)
+        torch.testing.assert_close(value.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_automatic_choice_is_dense_below_the_limit_and_tiled_above(monkeypatch):
+    calls = []
+    monkeypatch.setattr(common._ChunkedLogSumExp, "apply", lambda *args: calls.append(args[-1]) or torch.zeros(len(args[0])))
+    a = torch.randn(8, 4)
+    common.similarity_logsumexp(a, a, 0.1)  # 64 logits: dense
+    assert calls == []
+    monkeypatch.setattr(common, "DENSE_LIMIT", 63)
+    common.similarity_logsumexp(a, a, 0.1)
+    assert calls == [common.AUTO_CHUNK]
+
+
+def test_chunked_peak_memory_is_a_small_fraction_of_dense():
+    """2 x 8192 views, D = 128, InfoNCE forward + backward, each in a fresh process (peak RSS)."""
+    peaks = {}
+    for mode in ("dense", "chunked"):
+        out = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "loss-one", "--views", "16384",
+                              "--mode", mode, "--device", "cpu"], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+    assert peaks["dense"] > 2 ** 30  # at least one 16384^2 fp32 matrix (1 GiB)
+    assert peaks["chunked"] < 0.1 * peaks["dense"], peaks
 
 
 # ----------------------------------------------------------------------------- common

@@ -1,0 +1,112 @@
+"""bench.py: speed and memory of the project's paths next to their baselines, in one run.
+
+    python bench.py loss                                  # GPU if present, else CPU sizes
+    python bench.py loss --device cpu --views 2048,4096,8192
+
+`loss`: InfoNCE forward + backward on `views` random 128-d projections (views / 2 images,
+every view an anchor against all views, as on one GPU), the dense logits (the baseline)
+against the exact tiled path of common.similarity_logsumexp. It prints time per step,
+peak extra memory, the ratios tiled / dense, and the achieved TFLOP/s of the tiled path
+counted as the 3 matmuls of N x N x D that forward + backward need at least (the tiled
+backward does a 4th, the recompute). "OOM" where dense does not fit.
+On GPU both run in this process: peak memory is torch.cuda.max_memory_allocated above the
+inputs. On CPU every (mode, size) runs in a fresh process (`loss-one`), and peak memory is
+the process's peak RSS above its RSS before the step.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from simclr import info_nce_loss
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def loss_step(views, mode, device, chunk, dim=128, repeats=3):
+    """One configuration: seconds per forward + backward and peak extra bytes."""
+    torch.manual_seed(0)
+    z1 = torch.randn(views // 2, dim, device=device, requires_grad=True)
+    z2 = torch.randn(views // 2, dim, device=device, requires_grad=True)
+    chunk_size = 0 if mode == "dense" else chunk
+
+    def step():
+        info_nce_loss(z1, z2, 0.1, chunk_size=chunk_size).backward()
+        z1.grad = z2.grad = None
+
+    if device == "cuda":
+        step()  # warm-up: kernels, allocator
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats, torch.cuda.max_memory_allocated() - base
+    base = _rss()
+    start = time.perf_counter()
+    step()  # one step: the first is the peak, and CPU steps are slow
+    seconds = time.perf_counter() - start
+    return seconds, max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+
+
+def measure(views, mode, device, chunk):
+    if device == "cpu":  # a fresh process, so that the peak RSS is this configuration's
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "loss-one", "--views", str(views),
+                              "--mode", mode, "--device", "cpu", "--chunk", str(chunk)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            return None
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        return r["seconds"], r["peak_extra_bytes"]
+    try:
+        return loss_step(views, mode, device, chunk)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def bench_loss(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    default = "8192,16384,32768,65536,131072,262144" if device == "cuda" else "1024,2048,4096,8192"
+    sizes = [int(v) for v in (args.views or default).split(",")]
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"InfoNCE forward + backward, D=128, fp32, {name}, torch {torch.__version__}, tile {args.chunk}")
+    print(f"{'views':>8} {'dense ms':>10} {'dense MiB':>10} {'tiled ms':>10} {'tiled MiB':>10} "
+          f"{'time x':>7} {'mem x':>7} {'tiled TFLOP/s':>14}")
+    for n in sizes:
+        dense, tiled = measure(n, "dense", device, args.chunk), measure(n, "chunked", device, args.chunk)
+        d_ms, d_mib = (f"{dense[0] * 1e3:.1f}", f"{dense[1] / 2**20:.0f}") if dense else ("OOM", "OOM")
+        t_ms, t_mib = (f"{tiled[0] * 1e3:.1f}", f"{tiled[1] / 2**20:.0f}") if tiled else ("OOM", "OOM")
+        ratio_t = f"{tiled[0] / dense[0]:.2f}" if dense and tiled else "-"
+        ratio_m = f"{tiled[1] / max(dense[1], 1):.3f}" if dense and tiled else "-"
+        tflops = f"{3 * 2 * n * n * 128 / tiled[0] / 1e12:.2f}" if tiled else "-"
+        print(f"{n:>8} {d_ms:>10} {d_mib:>10} {t_ms:>10} {t_mib:>10} {ratio_t:>7} {ratio_m:>7} {tflops:>14}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("loss", "loss-one"))
+    p.add_argument("--views", default=None, help="comma-separated view counts (loss-one: one number)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--chunk", type=int, default=4096, help="tile size of the chunked path")
+    p.add_argument("--mode", choices=("dense", "chunked"), default="chunked", help="loss-one only")
+    args = p.parse_args()
+    if args.what == "loss":
+        bench_loss(args)
+    else:
+        seconds, peak = loss_step(int(args.views), args.mode, args.device or "cpu", args.chunk)
+        print(json.dumps(dict(views=int(args.views), mode=args.mode, seconds=seconds, peak_extra_bytes=peak)))
+
+
+if __name__ == "__main__":
+    main()
