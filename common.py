@@ -721,6 +721,20 @@ def features(args, backbone, ds, batch):
     return torch.cat(feats), torch.cat(labels)
 
 
+def chunked_topk(queries, bank, k, chunk=65536):
+    """Top-k of queries @ bank.T (values, bank indices), over the bank in slices of
+    `chunk` rows and merging the running top-k, so memory is O(queries x chunk) and a
+    1.28M-image bank never becomes one similarity matrix."""
+    top_v = queries.new_empty(len(queries), 0)
+    top_i = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)
+    for c in range(0, len(bank), chunk):
+        v, i = (queries @ bank[c:c + chunk].T).topk(min(k, len(bank[c:c + chunk])), dim=1)
+        v, i = torch.cat([top_v, v], 1), torch.cat([top_i, i + c], 1)
+        top_v, pick = v.topk(min(k, v.shape[1]), dim=1)
+        top_i = i.gather(1, pick)
+    return top_v, top_i
+
+
 def knn_monitor(args, backbone, k=200, temperature=0.1):
     """Weighted kNN (Wu et al. 2018, as in InstDisc/MoCo): cosine similarity to the whole
     training set, top-k neighbours vote with weight exp(sim / T). Top-1 in %."""
@@ -733,8 +747,8 @@ def knn_monitor(args, backbone, k=200, temperature=0.1):
     q, qy = features(args, backbone, Views(val, plain, 1), 256)
     q = F.normalize(q, dim=1)
     correct = torch.zeros((), device=q.device)
-    for s in range(0, len(q), 256):  # query rows in blocks; the bank is held whole here
-        sim, idx = (q[s:s + 256] @ bank.T).topk(min(k, len(bank)), dim=1)
+    for s in range(0, len(q), 256):
+        sim, idx = chunked_topk(q[s:s + 256], bank, k)
         votes = torch.zeros(len(sim), meta["classes"], device=q.device)
         votes.scatter_add_(1, bank_y[idx], (sim / temperature).exp())
         correct += (votes.argmax(1) == qy[s:s + 256]).sum()

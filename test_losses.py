@@ -527,6 +527,16 @@ def test_chunked_peak_memory_is_a_small_fraction_of_dense():
 # ----------------------------------------------------------------------------- common
 
 
+@pytest.mark.parametrize("chunk", [7, 50, 1000])
+def test_chunked_topk_equals_full_topk(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    queries, bank = torch.randn(9, 16, generator=g, dtype=torch.float64), torch.randn(300, 16, generator=g, dtype=torch.float64)
+    values, index = common.chunked_topk(queries, bank, 20, chunk=chunk)
+    ref_v, ref_i = (queries @ bank.T).topk(20, dim=1)
+    torch.testing.assert_close(values, ref_v, rtol=1e-12, atol=1e-12)  # slices may round differently
+    assert torch.equal(index, ref_i)
+
+
 def test_gather_with_grad_is_identity_without_distributed():
     x = torch.randn(3, 2)
     assert common.gather_with_grad(x) is x
