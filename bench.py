@@ -4,14 +4,16 @@
     python bench.py loss --device cpu --views 2048,4096,8192
 
 `loss`: InfoNCE forward + backward on `views` random 128-d projections (views / 2 images,
-every view an anchor against all views, as on one GPU), the dense logits (the baseline)
-against the exact tiled path of common.similarity_logsumexp. It prints time per step,
+every view an anchor against all views, as on one GPU): the dense path (the baseline: the
+whole logit matrix, its two excluded columns per row masked, torch.logsumexp) against the
+exact tiled path of common.similarity_logsumexp. It prints time per step,
 peak extra memory, the ratios tiled / dense, and the achieved TFLOP/s of the tiled path
 counted as the 3 matmuls of N x N x D that forward + backward need at least (the tiled
 backward does a 4th, the recompute). "OOM" where dense does not fit.
 On GPU both run in this process: peak memory is torch.cuda.max_memory_allocated above the
-inputs. On CPU every (mode, size) runs in a fresh process (`loss-one`), and peak memory is
-the process's peak RSS above its RSS before the step.
+inputs. On CPU every (mode, size) runs in a fresh process (`loss-one`): peak memory is the peak RSS
+above the RSS before the first step, time is that of a second step. A configuration whose
+process dies prints its error and shows as "failed".
 """
 import argparse
 import json
@@ -53,10 +55,11 @@ def loss_step(views, mode, device, chunk, dim=128, repeats=3):
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / repeats, torch.cuda.max_memory_allocated() - base
     base = _rss()
+    step()  # the first step sets the peak
+    peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
     start = time.perf_counter()
-    step()  # one step: the first is the peak, and CPU steps are slow
-    seconds = time.perf_counter() - start
-    return seconds, max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    step()  # the second is timed: pages are mapped, kernels warm
+    return time.perf_counter() - start, peak
 
 
 def measure(views, mode, device, chunk):
@@ -65,14 +68,15 @@ def measure(views, mode, device, chunk):
                               "--mode", mode, "--device", "cpu", "--chunk", str(chunk)],
                              capture_output=True, text=True)
         if out.returncode != 0:
-            return None
+            print(f"{mode} at {views} views failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            return "failed"
         r = json.loads(out.stdout.strip().splitlines()[-1])
         return r["seconds"], r["peak_extra_bytes"]
     try:
         return loss_step(views, mode, device, chunk)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return None
+        return "OOM"
 
 
 def bench_loss(args):
@@ -85,11 +89,12 @@ def bench_loss(args):
           f"{'time x':>7} {'mem x':>7} {'tiled TFLOP/s':>14}")
     for n in sizes:
         dense, tiled = measure(n, "dense", device, args.chunk), measure(n, "chunked", device, args.chunk)
-        d_ms, d_mib = (f"{dense[0] * 1e3:.1f}", f"{dense[1] / 2**20:.0f}") if dense else ("OOM", "OOM")
-        t_ms, t_mib = (f"{tiled[0] * 1e3:.1f}", f"{tiled[1] / 2**20:.0f}") if tiled else ("OOM", "OOM")
-        ratio_t = f"{tiled[0] / dense[0]:.2f}" if dense and tiled else "-"
-        ratio_m = f"{tiled[1] / max(dense[1], 1):.3f}" if dense and tiled else "-"
-        tflops = f"{3 * 2 * n * n * 128 / tiled[0] / 1e12:.2f}" if tiled else "-"
+        ok = not isinstance(dense, str) and not isinstance(tiled, str)
+        d_ms, d_mib = (dense, dense) if isinstance(dense, str) else (f"{dense[0] * 1e3:.1f}", f"{dense[1] / 2**20:.0f}")
+        t_ms, t_mib = (tiled, tiled) if isinstance(tiled, str) else (f"{tiled[0] * 1e3:.1f}", f"{tiled[1] / 2**20:.0f}")
+        ratio_t = f"{tiled[0] / dense[0]:.2f}" if ok else "-"
+        ratio_m = f"{tiled[1] / max(dense[1], 1):.3f}" if ok else "-"
+        tflops = "-" if isinstance(tiled, str) else f"{3 * 2 * n * n * 128 / tiled[0] / 1e12:.2f}"
         print(f"{n:>8} {d_ms:>10} {d_mib:>10} {t_ms:>10} {t_mib:>10} {ratio_t:>7} {ratio_m:>7} {tflops:>14}", flush=True)
 
 

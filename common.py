@@ -1,8 +1,9 @@
 """common.py: the plumbing every method script shares, and nothing method-specific.
 
-Sections, in order: errors, distributed, data, augmentation, model, optimisation, training
-loop with checkpoints and logging, evaluation (kNN monitor and linear probe). A method
-file (simclr.py, ...) defines its loss and train step and calls `pretrain` and
+Sections, in order: errors, distributed, similarity (the exact tiled logsumexp every loss
+is built on), data, augmentation, model, optimisation, arguments, training loop with
+checkpoints and logging, evaluation (kNN monitor and linear probe). A method file
+(simclr.py, ...) defines its loss and train step and calls `build`, `pretrain` and
 `linear_eval` from here; see README.md for the commands.
 """
 import argparse
@@ -85,7 +86,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)
         n = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
@@ -116,61 +117,78 @@ def gather_rows(x):
 
 # ----------------------------------------------------------------------------- similarity
 
-# Losses compute the (anchors x candidates) logits densely up to this many entries
-# (256 MiB in fp32), and in tiles of AUTO_CHUNK x AUTO_CHUNK beyond, unless told otherwise.
+# Losses compute the (anchors x candidates) logits densely up to this many entries (256 MiB
+# for one fp32 copy; the dense path's peak is a few copies), in tiles of AUTO_CHUNK beyond.
 DENSE_LIMIT = 2 ** 26
 AUTO_CHUNK = 4096
 
 
-def _tile_logits(anchors, candidates, temperature, exclude, col0):
-    """s/T for one tile, with each row's excluded columns (global indices) set to -inf."""
-    logits = anchors @ candidates.T / temperature
+def _tile_logits(scaled, candidates, exclude, col0):
+    """<anchor/T, candidate> for one tile of the tiled path (no autograd), each row's
+    excluded columns (global indices, or None for no exclusion) set to -inf in place."""
+    logits = scaled @ candidates.T
     if exclude is not None:
         n = logits.shape[1]
         cols = exclude - col0
-        cols = torch.where((cols >= 0) & (cols < n), cols, n)  # outside this tile: a spare column
-        mask = torch.zeros(len(logits), n + 1, dtype=torch.bool, device=logits.device).scatter_(1, cols, True)
-        logits = logits.masked_fill(mask[:, :n], float("-inf"))
+        inside = (cols >= 0) & (cols < n)
+        # amin with +inf leaves a column unchanged, so columns outside this tile are no-ops.
+        fill = torch.where(inside, float("-inf"), float("inf")).to(logits.dtype)
+        logits.scatter_reduce_(1, cols.clamp(0, n - 1), fill, "amin")
     return logits
+
+
+def _overlaps(exclude, col0, n, span):
+    """Whether excluded columns can fall in [col0, col0 + n): skips masking most tiles."""
+    return exclude is not None and span[0] < col0 + n and span[1] >= col0
 
 
 class _ChunkedLogSumExp(torch.autograd.Function):
     """Exact logsumexp over tiles of chunk x chunk logits, never the whole matrix (the
-    Inf-CL idea). Forward: an online, max-shifted logsumexp per row in fp32. Backward:
-    recomputes each tile; d lse_a / d logit_ac is softmax_ac = exp(logit_ac - lse_a), so
+    Inf-CL idea). Forward: an online, max-shifted logsumexp per row. Backward: recomputes
+    each tile; d lse_a / d logit_ac is softmax_ac = exp(logit_ac - lse_a), so
     grad_anchor_a = sum_c g_a softmax_ac cand_c / T and grad_cand_c = sum_a g_a softmax_ac anchor_a / T.
     Memory O(chunk^2) beyond inputs and outputs."""
 
     @staticmethod
     def forward(ctx, anchors, candidates, temperature, exclude, chunk):
+        span = exclude.aminmax() if exclude is not None else None  # the excluded columns' range
+        span = [int(v) for v in span] if span is not None else None
         lse = torch.empty(len(anchors), dtype=anchors.dtype, device=anchors.device)
         for r in range(0, len(anchors), chunk):
-            a, ex = anchors[r:r + chunk], None if exclude is None else exclude[r:r + chunk]
-            top = torch.full((len(a),), float("-inf"), dtype=a.dtype, device=a.device)
+            scaled, ex = anchors[r:r + chunk] / temperature, None if exclude is None else exclude[r:r + chunk]
+            top = torch.full((len(scaled),), float("-inf"), dtype=scaled.dtype, device=scaled.device)
             total = torch.zeros_like(top)
             for c in range(0, len(candidates), chunk):
-                logits = _tile_logits(a, candidates[c:c + chunk], temperature, ex, c)
+                cand = candidates[c:c + chunk]
+                logits = _tile_logits(scaled, cand, ex if _overlaps(ex, c, len(cand), span) else None, c)
                 new_top = torch.maximum(top, logits.amax(1))
                 shift = new_top.masked_fill(new_top == float("-inf"), 0.0)  # rows with nothing yet
-                total = total * torch.exp(top - shift) + torch.exp(logits - shift[:, None]).sum(1)
+                total = total * torch.exp(top - shift) + logits.sub_(shift[:, None]).exp_().sum(1)
                 top = new_top
             lse[r:r + chunk] = top + torch.log(total)
         ctx.save_for_backward(anchors, candidates, exclude, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.span = temperature, chunk, span
         return lse
 
     @staticmethod
     def backward(ctx, grad):
         anchors, candidates, exclude, lse = ctx.saved_tensors
-        t, chunk = ctx.temperature, ctx.chunk
+        t, chunk, span = ctx.temperature, ctx.chunk, ctx.span
+        # A row with every column excluded has lse = -inf and passes no gradient (as in the
+        # dense path): zero its incoming gradient, which may be nan, and use lse = +inf so
+        # that its weights are exp(-inf) = 0 rather than exp(-inf + inf) = nan.
+        empty = lse == float("-inf")
+        grad, lse = grad.masked_fill(empty, 0.0), lse.masked_fill(empty, float("inf"))
         grad_a, grad_c = torch.zeros_like(anchors), torch.zeros_like(candidates)
         for r in range(0, len(anchors), chunk):
             a, ex = anchors[r:r + chunk], None if exclude is None else exclude[r:r + chunk]
+            scaled, g = a / t, grad[r:r + chunk, None] / t
             for c in range(0, len(candidates), chunk):
                 cand = candidates[c:c + chunk]
-                weight = torch.exp(_tile_logits(a, cand, t, ex, c) - lse[r:r + chunk, None]) * (grad[r:r + chunk, None] / t)
-                grad_a[r:r + chunk] += weight @ cand
-                grad_c[c:c + chunk] += weight.T @ a
+                logits = _tile_logits(scaled, cand, ex if _overlaps(ex, c, len(cand), span) else None, c)
+                weight = logits.sub_(lse[r:r + chunk, None]).exp_().mul_(g)
+                grad_a[r:r + chunk].addmm_(weight, cand)
+                grad_c[c:c + chunk].addmm_(weight.T, a)
         return grad_a, grad_c, None, None, None
 
 
@@ -178,11 +196,22 @@ def similarity_logsumexp(anchors, candidates, temperature, exclude=None, chunk_s
     """lse_a = log sum_{c not in exclude[a]} exp(<anchor_a, candidate_c> / T), shape (A,).
     anchors (A, D), candidates (N, D), exclude (A, E) global column indices or None.
     chunk_size: None chooses (dense while A x N <= DENSE_LIMIT, else tiles of AUTO_CHUNK);
-    0 is always dense; n > 0 is tiles of n x n (same values and gradients, O(n^2) memory)."""
+    0 is always dense; n > 0 is tiles of n x n (same values and gradients, O(n^2) memory).
+    The maths runs in at least fp32, whatever the input dtype."""
+    dtype = torch.promote_types(anchors.dtype, torch.float32)
+    anchors, candidates = anchors.to(dtype), candidates.to(dtype)
     if chunk_size is None:
         chunk_size = 0 if len(anchors) * len(candidates) <= DENSE_LIMIT else AUTO_CHUNK
     if chunk_size == 0:
-        return torch.logsumexp(_tile_logits(anchors, candidates, temperature, exclude, 0), dim=1)
+        logits = anchors / temperature @ candidates.T
+        if exclude is not None:  # out of place: autograd then saves only the indices
+            logits = logits.scatter(1, exclude, float("-inf"))
+        if exclude is None or len(candidates) > exclude.shape[1]:
+            return torch.logsumexp(logits, dim=1)
+        # Some row may exclude every candidate (a batch of one image): its lse is -inf, and
+        # logsumexp's backward would give nan, exp(-inf - -inf), instead of no gradient.
+        empty = (logits == float("-inf")).all(1)
+        return torch.logsumexp(logits.masked_fill(empty[:, None], 0.0), dim=1).masked_fill(empty, float("-inf"))
     return _ChunkedLogSumExp.apply(anchors, candidates, temperature, exclude, chunk_size)
 
 
@@ -526,7 +555,8 @@ def setup(args):
     """Validate the shared flags, join the distributed job, print the scaled lr. Every
     check runs before any file is written, so a bad flag never touches a checkpoint."""
     w = int(os.environ.get("WORLD_SIZE", 1))
-    checks = [(args.batch > 0 and args.batch % w == 0,
+    checks = [(args.batch >= 2, f"--batch {args.batch}: a contrastive batch needs at least 2 images"),
+              (args.batch > 0 and args.batch % w == 0,
                f"--batch {args.batch} does not divide across {w} processes; use a multiple of {w}"),
               (args.epochs >= 0, "--epochs must be >= 0"),
               (0 <= args.warmup_epochs, "--warmup-epochs must be >= 0"),
@@ -743,14 +773,15 @@ def knn_monitor(args, backbone, k=200, temperature=0.1):
     backbone.eval()
     plain = eval_transform(meta)
     bank, bank_y = features(args, backbone, Views(subset(train, args.subset, args.seed), plain, 1), 256)
-    bank, bank_y = gather_rows(F.normalize(bank, dim=1)), gather_rows(bank_y)
+    half = torch.float16 if bank.is_cuda else torch.float32  # a 1.28M x 2048 bank: 5 GB in fp16 on every GPU
+    bank, bank_y = gather_rows(F.normalize(bank, dim=1).to(half)), gather_rows(bank_y)
     q, qy = features(args, backbone, Views(val, plain, 1), 256)
-    q = F.normalize(q, dim=1)
+    q = F.normalize(q, dim=1).to(bank.dtype)
     correct = torch.zeros((), device=q.device)
     for s in range(0, len(q), 256):
         sim, idx = chunked_topk(q[s:s + 256], bank, k)
         votes = torch.zeros(len(sim), meta["classes"], device=q.device)
-        votes.scatter_add_(1, bank_y[idx], (sim / temperature).exp())
+        votes.scatter_add_(1, bank_y[idx], (sim.float() / temperature).exp())
         correct += (votes.argmax(1) == qy[s:s + 256]).sum()
     backbone.train(was_training)
     return _sum_over_ranks(correct, len(q), len(val))

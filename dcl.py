@@ -12,6 +12,8 @@ positive term by how hard the pair is (von Mises-Fisher weighting). Defaults: T 
 --dcl-sigma off (DCL), 0.5 when given as in the paper. Everything else follows simclr.py
 (ResNet-50, LARS, lr 0.075 x sqrt(B), wd 1e-6, 10 warmup epochs, 100 epochs, batch 256).
 """
+import math
+
 import torch
 
 import common
@@ -20,7 +22,7 @@ import common
 
 
 def dcl_loss(z1, z2, temperature=0.1, sigma=None, chunk_size=None):
-    """The decoupled contrastive loss (paper eq. 6; DCLW with weights w from sec. 4):
+    """The decoupled contrastive loss L_DC of the paper (and DCLW, its weighted form):
 
         l(i, k) = -w_i s(x_i^k, x_i^o)/T + log sum_{z in N_i} exp(s(x_i^k, z)/T)
 
@@ -40,7 +42,9 @@ def dcl_loss(z1, z2, temperature=0.1, sigma=None, chunk_size=None):
         b = z1.shape[0]
         s_pos = (z[:b] * z[b:]).sum(1).detach()  # s(x_i^1, x_i^2) of this rank's images
         s_all = common.gather_with_grad(s_pos)  # ... and of the global batch, for the mean
-        weight = (2 - torch.exp(s_pos / sigma) / torch.exp(s_all / sigma).mean()).repeat(2)  # both views share w_i
+        # exp(s/sigma) / mean_j exp(s_j/sigma), in log space so that a small sigma cannot overflow
+        log_mean = torch.logsumexp(s_all / sigma, dim=0) - math.log(len(s_all))
+        weight = (2 - torch.exp(s_pos / sigma - log_mean)).repeat(2)  # both views of image i share w_i
     return (-weight * positive + negative).mean()
 
 

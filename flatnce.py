@@ -20,7 +20,7 @@ import common
 
 
 def flatnce_loss(z1, z2, temperature=0.1, chunk_size=None, with_p_pos=False):
-    """FlatNCE (paper Algorithm 1), averaged over this rank's 2B anchors:
+    """FlatNCE, averaged over this rank's 2B anchors:
 
         v_i  = log sum_{z in N_i} exp((s(x_i^k, z) - s(x_i^k, x_i^o)) / T)
         loss = mean_i exp(v_i - detach(v_i)) - 1 + detach(InfoNCE)

@@ -14,6 +14,8 @@ estimate, which is what lets batch 256 match SimCLR at batch 8192. Paper recipe,
 defaults here: ResNet-50, batch 256, LARS with lr 0.075 x sqrt(B), wd 1e-6, T 0.1,
 gamma 0.9, 800 epochs (10 warmup).
 """
+import math
+
 import torch
 import torch.nn as nn
 
@@ -23,7 +25,7 @@ import common
 
 
 class SogCLRLoss(nn.Module):
-    """SogCLR's loss with its per-image state u (paper Algorithm 1, eqs. 4-5).
+    """SogCLR's loss with its per-image state u (the paper's Algorithm 1, SogCLR).
 
     For anchor view k of image i (2B per rank), with N_i both views of every other image
     of the global batch (2(BW - 1) entries):
@@ -35,7 +37,7 @@ class SogCLRLoss(nn.Module):
     identical everywhere. The returned value is mean_{i,k} [ -s(x_i^k, x_i^o)/T + log u_i^k ],
     the moving-average estimate of the global contrastive loss (minus the constant log of
     the data set size); its gradient is the one above.
-    exp(s/T) is taken directly, as in the paper: in fp32 it overflows for T < 0.012.
+    u holds exp-sums directly, as in the paper, so in fp32 it overflows for T below about 0.011.
     """
 
     def __init__(self, num_samples, temperature=0.1, gamma=0.9, chunk_size=None):
@@ -46,7 +48,7 @@ class SogCLRLoss(nn.Module):
     def forward(self, z1, z2, index):
         """z1, z2: (B, D) raw projections of this rank; index: (B,) dataset indices."""
         _, positive, negative = common.two_view_terms(z1, z2, self.temperature, self.chunk_size)  # (2B,) each
-        g = torch.exp(negative) / (2 * z1.shape[0] * common.world() - 2)  # (2B,) mean over N_i
+        g = torch.exp(negative - math.log(2 * z1.shape[0] * common.world() - 2))  # (2B,) mean over N_i
         u_old = self.u[index].repeat(2).to(g.dtype)  # (2B,) both views of image i start from u_i
         gamma = torch.full_like(u_old, self.gamma).masked_fill(u_old == 0, 1.0)  # first visit: take g
         u_new = (1 - gamma) * u_old + gamma * g.detach()
