@@ -2,6 +2,8 @@
 
     python bench.py loss                                  # GPU if present, else CPU sizes
     python bench.py loss --device cpu --views 2048,4096,8192
+    python bench.py spectral                              # 1.28M x 128 on GPU, 50k on CPU
+    python bench.py spectral-toy                          # the paper's synthetic experiment
 
 `loss`: InfoNCE forward + backward on `views` random 128-d projections (views / 2 images,
 every view an anchor against all views, as on one GPU): the dense path (the baseline: the
@@ -14,6 +16,13 @@ On GPU both run in this process: peak memory is torch.cuda.max_memory_allocated 
 inputs. On CPU every (mode, size) runs in a fresh process (`loss-one`): peak memory is the peak RSS
 above the RSS before the first step, time is that of a second step. A configuration whose
 process dies prints its error and shows as "failed".
+`spectral`: seconds for common.spectral_batches to build one epoch of batches (B 256, 40
+clusters per chunk) from random 128-d embeddings: 1.28M (ImageNet) on GPU, 50k (CIFAR) on
+CPU. The embedding pass is a forward of every training image and is reported by the
+training log (`spectral_seconds` includes it).
+`spectral-toy`: Cho et al.'s synthetic experiment: N trainable pairs (u_i, v_i) in d = 2N,
+batches of B = 2, SGD; the full-batch loss after the same number of steps with random and
+with spectral batches, over three seeds.
 """
 import argparse
 import json
@@ -25,6 +34,7 @@ import time
 
 import torch
 
+import common
 from simclr import info_nce_loss
 
 
@@ -98,9 +108,53 @@ def bench_loss(args):
         print(f"{n:>8} {d_ms:>10} {d_mib:>10} {t_ms:>10} {t_mib:>10} {ratio_t:>7} {ratio_m:>7} {tflops:>14}", flush=True)
 
 
+def bench_spectral(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    n = int(args.views or (1_281_167 if device == "cuda" else 50_000))
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(n, 128, generator=g).to(device)
+    z2 = z1 + 0.5 * torch.randn(n, 128, generator=g).to(device)
+    common.spectral_batches(z1[:20480], z2[:20480], 256, generator=torch.Generator().manual_seed(1))  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    batches = common.spectral_batches(z1, z2, 256, 0.1, 40, torch.Generator().manual_seed(2))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"spectral_batches: {n} x 128 embeddings, B 256, 40 clusters per chunk, {name}, torch {torch.__version__}: "
+          f"{time.perf_counter() - start:.1f} s for {len(batches)} batches")
+
+
+def toy_run(mode, seed, n=32, epochs=30, lr=0.5, temperature=0.1):
+    """One run of the synthetic experiment; returns the full-batch loss at the end."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, 2 * n, generator=g).requires_grad_()
+    v = torch.randn(n, 2 * n, generator=g).requires_grad_()
+    opt = torch.optim.SGD([u, v], lr=lr)
+    for _ in range(epochs):  # n / 2 steps per epoch in both modes
+        if mode == "random":
+            batches = torch.randperm(n, generator=g).view(-1, 2)
+        else:
+            batches = common.spectral_batches(u.detach(), v.detach(), 2, temperature, n // 2, g)
+        for b in batches:
+            opt.zero_grad()
+            info_nce_loss(u[b], v[b], temperature).backward()
+            opt.step()
+    with torch.no_grad():
+        return info_nce_loss(u, v, temperature).item()
+
+
+def bench_spectral_toy(args):
+    print("N 32 pairs, d 64, B 2, T 0.1, SGD lr 0.5, 30 epochs of 16 steps; full-batch InfoNCE at the end")
+    for mode in ("random", "spectral"):
+        losses = [toy_run(mode, seed) for seed in range(3)]
+        print(f"{mode:>9}: " + "  ".join(f"{x:.3f}" for x in losses) + f"   mean {sum(losses) / 3:.3f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("loss", "loss-one"))
+    p.add_argument("what", choices=("loss", "loss-one", "spectral", "spectral-toy"))
     p.add_argument("--views", default=None, help="comma-separated view counts (loss-one: one number)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--chunk", type=int, default=4096, help="tile size of the chunked path")
@@ -108,6 +162,10 @@ def main():
     args = p.parse_args()
     if args.what == "loss":
         bench_loss(args)
+    elif args.what == "spectral":
+        bench_spectral(args)
+    elif args.what == "spectral-toy":
+        bench_spectral_toy(args)
     else:
         seconds, peak = loss_step(int(args.views), args.mode, args.device or "cpu", args.chunk)
         print(json.dumps(dict(views=int(args.views), mode=args.mode, seconds=seconds, peak_extra_bytes=peak)))

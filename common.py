@@ -532,6 +532,11 @@ def get_parser(doc):
     p.add_argument("--lr", type=float, default=None, help="lr factor: 0.075 for sqrt scaling, 0.3 for linear")
     p.add_argument("--lr-scaling", choices=("sqrt", "linear"), default="sqrt")
     p.add_argument("--wd", type=float, default=1e-6, help="LARS weight decay (not on biases and BN)")
+    # batching
+    p.add_argument("--batching", choices=("random", "spectral"), default="random",
+                   help="spectral: hard mini-batches by spectral clustering (Cho et al. 2023)")
+    p.add_argument("--sc-every", type=int, default=1, help="spectral: rebuild the batches every N epochs")
+    p.add_argument("--sc-clusters", type=int, default=40, help="spectral: batches clustered together per chunk")
     # loss
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--chunk-size", type=int, default=None,
@@ -568,6 +573,8 @@ def setup(args):
               (args.log_every > 0, "--log-every must be > 0"),
               (args.subset >= 0, "--subset must be >= 0"),
               (args.knn_every >= 0, "--knn-every must be >= 0"),
+              (args.sc_every >= 1, "--sc-every must be >= 1"),
+              (args.sc_clusters >= 1, "--sc-clusters must be >= 1"),
               (args.lin_epochs is None or args.lin_epochs >= 1, "--lin-epochs must be >= 1"),
               (args.lin_batch is None or (args.lin_batch > 0 and args.lin_batch % w == 0),
                f"--lin-batch {args.lin_batch} must be a positive multiple of the {w} processes"),
@@ -597,6 +604,127 @@ def build(args, n_views=2):
     device = setup(args)
     train_set, meta = train_dataset(args, n_views)
     return make_model(args, meta, device), train_set, meta
+
+
+# ----------------------------------------------------------------------------- hard mini-batches
+
+
+def _kmeans(x, k, generator, iters=25):
+    """Lloyd's k-means from k distinct random rows; returns the (k, D) centres."""
+    centres = x[torch.randperm(len(x), generator=generator)[:k].to(x.device)]
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)[:, None]
+        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an empty cluster keeps its centre
+    return centres
+
+
+def _equal_size_assign(dist, size):
+    """Assign each row of dist (m, k), m = k * size, to a column so that every column gets
+    exactly `size` rows. Deviation: the paper runs Hungarian matching onto `size` copies of
+    each centre (O(m^3)); this is a deferred-acceptance approximation that is O(k m log m):
+    every unassigned row proposes to its nearest centre with room, and each centre keeps
+    its nearest proposers up to its remaining room."""
+    m, k = dist.shape
+    assign = torch.full((m,), -1, dtype=torch.long, device=dist.device)
+    room = torch.full((k,), size, dtype=torch.long, device=dist.device)
+    dist = dist.clone()
+    while True:
+        free = (assign < 0).nonzero().squeeze(1)
+        if len(free) == 0:
+            return assign
+        choice = dist[free].argmin(1)
+        order = dist[free, choice].argsort()
+        order = order[choice[order].argsort(stable=True)]  # by centre, nearest first
+        centre = choice[order]
+        rank_in = torch.arange(len(order), device=dist.device) - torch.searchsorted(centre, centre)
+        take = rank_in < room[centre]
+        assign[free[order[take]]] = centre[take]
+        room -= torch.bincount(centre[take], minlength=k)
+        dist[:, room == 0] = float("inf")
+
+
+def spectral_batches(z1, z2, batch_size, temperature=0.1, clusters=40, generator=None):
+    """Hard mini-batches by spectral clustering (Cho et al. 2023, "Mini-Batch Optimization of
+    Contrastive Loss", their official procedure). z1, z2: (N, D) embeddings of two views of
+    every training image, row i = dataset index i. Returns a list of LongTensors of exactly
+    batch_size indices each, no index twice, covering all but fewer than batch_size images.
+
+    Shuffle and cut into chunks of clusters x B. In a chunk, with u, v the normalised
+    embeddings divided by sqrt(T), A_ij = log(1 + (B-1) exp(u_i.v_j - u_i.v_i)) +
+    log(1 + (B-1) exp(v_i.u_j - u_i.v_i)) approximates the loss the pair adds when i and j
+    share a batch; A <- A + A^T, W = exp(A). The spectral embedding of W (the `clusters`
+    bottom eigenvectors of the normalised Laplacian, rows normalised) is split by k-means,
+    then into clusters of exactly B (see _equal_size_assign): each cluster is a batch of
+    pairs that are hard for each other. A last partial chunk gets as many clusters as it
+    holds whole batches."""
+    b = batch_size
+    u = F.normalize(z1.float(), dim=1) / math.sqrt(temperature)
+    v = F.normalize(z2.float(), dim=1) / math.sqrt(temperature)
+    order = torch.randperm(len(u), generator=generator).to(u.device)
+    batches = []
+    for start in range(0, len(u) - b + 1, clusters * b):
+        idx = order[start:start + clusters * b]
+        k = len(idx) // b
+        idx = idx[:k * b]
+        if k == 1:
+            batches.append(idx)
+            continue
+        uc, vc = u[idx], v[idx]
+        pos = (uc * vc).sum(1, keepdim=True)
+        a = F.softplus(uc @ vc.T - pos + math.log(b - 1)) + F.softplus(vc @ uc.T - pos + math.log(b - 1))
+        a = (a + a.T).double()
+        w = torch.exp(a - a.max())  # exp(A) up to a constant factor, which the normalisation removes
+        d = w.sum(1).rsqrt()
+        # D^-1/2 W D^-1/2 has eigenvalues in [-1, 1]; its top eigenvectors are the normalised
+        # Laplacian's bottom ones. Subspace iteration on it + I (so in [0, 2]) finds them.
+        s = (d[:, None] * w * d[None, :]).float()
+        q = torch.randn(len(s), k, generator=generator).to(s.device)
+        for _ in range(30):
+            q = torch.linalg.qr(s @ q + q).Q
+        emb = F.normalize(q, dim=1)  # row normalisation (Ng, Jordan and Weiss); rotation-invariant for k-means
+        assign = _equal_size_assign(torch.cdist(emb, _kmeans(emb, k, generator)), b)
+        batches += list(idx[assign.argsort(stable=True)].view(k, b))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+
+
+@torch.no_grad()
+def spectral_epoch(args, model, train_set, epoch):
+    """Embed every training image (two augmented views, model in eval mode, no grad) and
+    build this epoch's global batches; rank 0 clusters and broadcasts, so every rank trains
+    on the same global batches. Returns a (batches, B) LongTensor on the CPU."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    zs, index = [], []
+    for views, _, idx in loader(train_set, 256, args.workers, sampler=Shard(len(train_set))):
+        zs.append(torch.stack(forward_views(model, views[:2], args), 1))  # (n, 2, 128)
+        index.append(idx.to(device))
+    model.train(was_training)
+    z, index = gather_rows(torch.cat(zs)), gather_rows(torch.cat(index))
+    z = z[index.argsort()]  # row i = dataset index i
+    batches = torch.empty(len(train_set) // args.batch, args.batch, dtype=torch.long, device=device)
+    if rank() == 0:
+        g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+        batches = torch.stack(spectral_batches(z[:, 0], z[:, 1], args.batch, args.temperature, args.sc_clusters, g))
+    if world() > 1:
+        dist.broadcast(batches, 0)
+    return batches.cpu()
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """Batch sampler over fixed global batches: this rank's contiguous share of each."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        per = self.batches.shape[1] // world()
+        return iter(row[rank() * per:(rank() + 1) * per].tolist() for row in self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -644,7 +772,8 @@ def pretrain(args, model, train_set, train_step, buffers=None):
     # number of equal-size steps (gather_with_grad needs equal sizes).
     sampler = DistributedSampler(train_set, world(), rank(), shuffle=True, seed=args.seed, drop_last=True)
     data = loader(train_set, per_rank, args.workers, sampler=sampler, drop_last=True)
-    steps_per_epoch = len(data)
+    steps_per_epoch = len(data) if args.batching == "random" else len(train_set) // args.batch
+    batches = None  # --batching spectral: this epoch's global batches
     total, warmup = steps_per_epoch * args.epochs, round(steps_per_epoch * args.warmup_epochs)
     opt = LARS(model.parameters(), lr=args.base_lr, weight_decay=args.wd)
     path = os.path.join(args.out_dir, "checkpoint.pt")
@@ -671,7 +800,7 @@ def pretrain(args, model, train_set, train_step, buffers=None):
             torch.set_rng_state(ckpt["rng"][rank()]["cpu"])
             if device.type == "cuda" and ckpt["rng"][rank()]["cuda"] is not None:
                 torch.cuda.set_rng_state(ckpt["rng"][rank()]["cuda"])
-        start_epoch = ckpt["epoch"]
+        start_epoch, batches = ckpt["epoch"], ckpt.get("batches")
         if rank() == 0:
             print(f"resumed from epoch {start_epoch} (step {ckpt['step']}) of {path}", flush=True)
     step = start_epoch * steps_per_epoch
@@ -685,6 +814,13 @@ def pretrain(args, model, train_set, train_step, buffers=None):
         net = torch.compile(net)
 
     for epoch in range(start_epoch, args.epochs):
+        if args.batching == "spectral":
+            if batches is None or epoch % args.sc_every == 0:
+                tick = time.time()
+                batches = spectral_epoch(args, model, train_set, epoch)
+                log_line(args, dict(epoch=epoch + 1, spectral_seconds=time.time() - tick))
+            data = DataLoader(train_set, batch_sampler=GlobalBatches(batches), num_workers=args.workers,
+                              pin_memory=device.type == "cuda")
         model.train()
         sampler.set_epoch(epoch)
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -727,7 +863,8 @@ def pretrain(args, model, train_set, train_step, buffers=None):
             if rank() == 0:
                 print(f"epoch {epoch + 1}: kNN top-1 {acc:.2f}%", flush=True)
         state = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, epoch=epoch + 1,
-                     buffers=buffers.state_dict() if buffers is not None else None, rng=_rng_state(), args=vars(args))
+                     buffers=buffers.state_dict() if buffers is not None else None, rng=_rng_state(), args=vars(args),
+                     batches=batches)
         if rank() == 0:
             save_checkpoint(path, state)
             print(f"epoch {epoch + 1}/{args.epochs} done: step {step}, loss {value:.4f}", flush=True)

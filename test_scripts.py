@@ -138,7 +138,8 @@ SMALL = ["--data", "synthetic", "--arch", "resnet18", "--batch", "32", "--worker
          "--lin-epochs", "2", "--lin-batch", "64", "--subset", "128", "--log-every", "1"]
 
 
-@pytest.mark.parametrize("script,flags", [("dcl.py", []), ("dcl.py", ["--dcl-sigma", "0.5"]), ("flatnce.py", [])])
+@pytest.mark.parametrize("script,flags", [("dcl.py", []), ("dcl.py", ["--dcl-sigma", "0.5"]), ("flatnce.py", []),
+                                          ("simclr.py", ["--batching", "spectral", "--sc-clusters", "2"])])
 def test_method_trains_resumes_evaluates(tmp_path, script, flags):
     out = str(tmp_path / "run")
     first = run(script, *SMALL, *flags, "--epochs", "1", "--out-dir", out)
@@ -153,13 +154,15 @@ def test_method_trains_resumes_evaluates(tmp_path, script, flags):
         assert all(0 < r["p_pos"] < 1 for r in records)  # p+ of the InfoNCE softmax is logged
 
 
-def test_sogclr_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("batching", [[], ["--batching", "spectral", "--sc-every", "2", "--sc-clusters", "2"]])
+def test_sogclr_resume_is_exact(tmp_path, batching):
     """Two epochs in one go and one epoch plus a resumed one give bit-identical weights,
-    optimizer state and u: the checkpoint holds everything the run depends on."""
+    optimizer state and u: the checkpoint holds everything the run depends on. With
+    spectral batches rebuilt every 2 epochs, the resumed epoch reuses the saved batches."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     for out, epochs in ((straight, ["2"]), (split, ["1", "2"])):
         for e in epochs:
-            p = run("sogclr.py", *SMALL, "--epochs", e, "--warmup-epochs", "1", "--out-dir", out)
+            p = run("sogclr.py", *SMALL, *batching, "--epochs", e, "--warmup-epochs", "1", "--out-dir", out)
             assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from epoch 1 (step 4)" in p.stdout
     a, b = (torch.load(os.path.join(o, "checkpoint.pt"), weights_only=True) for o in (straight, split))
@@ -171,6 +174,9 @@ def test_sogclr_resume_is_exact(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k, v in a["optimizer"]["state"].items():
         assert torch.equal(v["mu"], b["optimizer"]["state"][k]["mu"]), k
+    if batching:
+        assert a["batches"].shape == (4, 32) and torch.equal(a["batches"], b["batches"])
+        assert len(a["batches"].flatten().unique()) == 128
 
 
 @pytest.mark.parametrize("script,flag,value", [("dcl.py", "--dcl-sigma", "0"), ("sogclr.py", "--sogclr-gamma", "1.5"),
