@@ -623,13 +623,13 @@ def _kmeans(x, k, generator, iters=25):
 def _equal_size_assign(dist, size):
     """Assign each row of dist (m, k), m = k * size, to a column so that every column gets
     exactly `size` rows. Deviation: the paper runs Hungarian matching onto `size` copies of
-    each centre (O(m^3)); this is a deferred-acceptance approximation that is O(k m log m):
-    every unassigned row proposes to its nearest centre with room, and each centre keeps
-    its nearest proposers up to its remaining room."""
+    each centre (O(m^3)); this greedy approximation is O(k m log m): in rounds, every
+    unassigned row picks its nearest centre with room, and each centre keeps its nearest
+    pickers up to its room (for good; full centres drop out)."""
     m, k = dist.shape
     assign = torch.full((m,), -1, dtype=torch.long, device=dist.device)
     room = torch.full((k,), size, dtype=torch.long, device=dist.device)
-    dist = dist.clone()
+    dist = torch.nan_to_num(dist.float(), nan=1e30, posinf=1e30)  # full centres alone are +inf
     while True:
         free = (assign < 0).nonzero().squeeze(1)
         if len(free) == 0:
@@ -640,6 +640,8 @@ def _equal_size_assign(dist, size):
         centre = choice[order]
         rank_in = torch.arange(len(order), device=dist.device) - torch.searchsorted(centre, centre)
         take = rank_in < room[centre]
+        if not take.any():
+            raise RuntimeError("equal-size assignment made no progress")  # cannot happen with room == rows left
         assign[free[order[take]]] = centre[take]
         room -= torch.bincount(centre[take], minlength=k)
         dist[:, room == 0] = float("inf")
@@ -674,12 +676,15 @@ def spectral_batches(z1, z2, batch_size, temperature=0.1, clusters=40, generator
         uc, vc = u[idx], v[idx]
         pos = (uc * vc).sum(1, keepdim=True)
         a = F.softplus(uc @ vc.T - pos + math.log(b - 1)) + F.softplus(vc @ uc.T - pos + math.log(b - 1))
-        a = (a + a.T).double()
-        w = torch.exp(a - a.max())  # exp(A) up to a constant factor, which the normalisation removes
-        d = w.sum(1).rsqrt()
-        # D^-1/2 W D^-1/2 has eigenvalues in [-1, 1]; its top eigenvectors are the normalised
-        # Laplacian's bottom ones. Subspace iteration on it + I (so in [0, 2]) finds them.
-        s = (d[:, None] * w * d[None, :]).float()
+        a = a + a.T
+        # No self-loops, as in the official code's Laplacian: W_ii = exp(A_ii) ~ B^4 would
+        # otherwise dwarf every off-diagonal weight and make D^-1/2 W D^-1/2 ~ I.
+        a.fill_diagonal_(float("-inf"))
+        # D^-1/2 W D^-1/2 with W = exp(A), in the log domain (no overflow, no fp64 copies).
+        # Its eigenvalues lie in [-1, 1] and its top eigenvectors are the normalised
+        # Laplacian's bottom ones; subspace iteration on it + I (so in [0, 2]) finds them.
+        log_d = a.logsumexp(1)
+        s = torch.exp(a - log_d[:, None] / 2 - log_d[None, :] / 2)
         q = torch.randn(len(s), k, generator=generator).to(s.device)
         for _ in range(30):
             q = torch.linalg.qr(s @ q + q).Q
@@ -801,6 +806,9 @@ def pretrain(args, model, train_set, train_step, buffers=None):
             if device.type == "cuda" and ckpt["rng"][rank()]["cuda"] is not None:
                 torch.cuda.set_rng_state(ckpt["rng"][rank()]["cuda"])
         start_epoch, batches = ckpt["epoch"], ckpt.get("batches")
+        n_batches = len(train_set) // args.batch
+        if batches is not None and (batches.shape != (n_batches, args.batch) or batches.max() >= len(train_set)):
+            batches = None  # made for other data or another batch size: rebuild
         if rank() == 0:
             print(f"resumed from epoch {start_epoch} (step {ckpt['step']}) of {path}", flush=True)
     step = start_epoch * steps_per_epoch
@@ -819,7 +827,10 @@ def pretrain(args, model, train_set, train_step, buffers=None):
                 tick = time.time()
                 batches = spectral_epoch(args, model, train_set, epoch)
                 log_line(args, dict(epoch=epoch + 1, spectral_seconds=time.time() - tick))
-            data = DataLoader(train_set, batch_sampler=GlobalBatches(batches), num_workers=args.workers,
+            # A fresh order of the batches each epoch, the same on every rank (with --sc-every > 1
+            # the same batches come back, not in the same order).
+            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+            data = DataLoader(train_set, batch_sampler=GlobalBatches(batches[order]), num_workers=args.workers,
                               pin_memory=device.type == "cuda")
         model.train()
         sampler.set_epoch(epoch)

@@ -554,6 +554,9 @@ def test_equal_size_assignment():
     dist = torch.rand(60, 4, generator=torch.Generator().manual_seed(1))
     assign = common._equal_size_assign(dist, 15)
     assert torch.bincount(assign, minlength=4).tolist() == [15] * 4
+    # Every row prefers centre 0, some rows see only centre 0: still exactly 2 per centre.
+    crowded = torch.tensor([[0.0, float("inf"), float("inf")]] + [[0.0, 1.0, 2.0]] * 5)
+    assert torch.bincount(common._equal_size_assign(crowded, 2), minlength=3).tolist() == [2, 2, 2]
     # Rows whose nearest centre is unique and has room get it.
     easy = torch.full((8, 4), 9.0)
     easy[torch.arange(8), torch.arange(8) % 4] = 0.0
@@ -574,6 +577,22 @@ def test_spectral_batches_are_harder_than_random():
         return sum(info_nce_loss(z1[b], z2[b], 0.1).item() for b in batches) / len(batches)
 
     assert mean_loss(spectral) > mean_loss(random) + 1.0, (mean_loss(spectral), mean_loss(random))
+
+
+def test_spectral_batches_find_hard_batches_in_a_loose_mixture():
+    """200 overlapping clusters, B = 64: only a real spectral embedding finds the hard pairs
+    here (self-loops in W, for one, would leave the batches as random: about 1.2x)."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(200, 32, generator=g)
+    z1 = centres[torch.randint(0, 200, (2560,), generator=g)] + 0.7 * torch.randn(2560, 32, generator=g)
+    z2 = z1 + 0.3 * torch.randn(2560, 32, generator=g)
+    spectral = common.spectral_batches(z1, z2, 64, 0.1, 40, g)
+    random = list(torch.randperm(2560, generator=g).view(40, 64))
+
+    def mean_loss(batches):
+        return sum(info_nce_loss(z1[b], z2[b], 0.1).item() for b in batches) / len(batches)
+
+    assert mean_loss(spectral) > 3 * mean_loss(random), (mean_loss(spectral), mean_loss(random))
 
 
 def test_spectral_batching_trains_the_synthetic_pairs_faster():

@@ -138,13 +138,14 @@ SMALL = ["--data", "synthetic", "--arch", "resnet18", "--batch", "32", "--worker
          "--lin-epochs", "2", "--lin-batch", "64", "--subset", "128", "--log-every", "1"]
 
 
-@pytest.mark.parametrize("script,flags", [("dcl.py", []), ("dcl.py", ["--dcl-sigma", "0.5"]), ("flatnce.py", []),
-                                          ("simclr.py", ["--batching", "spectral", "--sc-clusters", "2"])])
-def test_method_trains_resumes_evaluates(tmp_path, script, flags):
+@pytest.mark.parametrize("script,flags,nproc", [
+    ("dcl.py", [], 1), ("dcl.py", ["--dcl-sigma", "0.5"], 1), ("flatnce.py", [], 1),
+    ("simclr.py", ["--batching", "spectral", "--sc-clusters", "2"], 2)])  # rank 0 clusters, broadcasts
+def test_method_trains_resumes_evaluates(tmp_path, script, flags, nproc):
     out = str(tmp_path / "run")
-    first = run(script, *SMALL, *flags, "--epochs", "1", "--out-dir", out)
+    first = run(script, *SMALL, *flags, "--epochs", "1", "--out-dir", out, nproc=nproc)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run(script, *SMALL, *flags, "--epochs", "2", "--out-dir", out)
+    second = run(script, *SMALL, *flags, "--epochs", "2", "--out-dir", out, nproc=nproc)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from epoch 1 (step 4)" in second.stdout
     assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(second.stdout)), second.stdout
