@@ -137,11 +137,6 @@ def _tile_logits(scaled, candidates, exclude, col0):
     return logits
 
 
-def _overlaps(exclude, col0, n, span):
-    """Whether excluded columns can fall in [col0, col0 + n): skips masking most tiles."""
-    return exclude is not None and span[0] < col0 + n and span[1] >= col0
-
-
 class _ChunkedLogSumExp(torch.autograd.Function):
     """Exact logsumexp over tiles of chunk x chunk logits, never the whole matrix (the
     Inf-CL idea). Forward: an online, max-shifted logsumexp per row. Backward: recomputes
@@ -151,8 +146,6 @@ class _ChunkedLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, candidates, temperature, exclude, chunk):
-        span = exclude.aminmax() if exclude is not None else None  # the excluded columns' range
-        span = [int(v) for v in span] if span is not None else None
         lse = torch.empty(len(anchors), dtype=anchors.dtype, device=anchors.device)
         for r in range(0, len(anchors), chunk):
             scaled, ex = anchors[r:r + chunk] / temperature, None if exclude is None else exclude[r:r + chunk]
@@ -160,20 +153,20 @@ class _ChunkedLogSumExp(torch.autograd.Function):
             total = torch.zeros_like(top)
             for c in range(0, len(candidates), chunk):
                 cand = candidates[c:c + chunk]
-                logits = _tile_logits(scaled, cand, ex if _overlaps(ex, c, len(cand), span) else None, c)
+                logits = _tile_logits(scaled, cand, ex, c)
                 new_top = torch.maximum(top, logits.amax(1))
                 shift = new_top.masked_fill(new_top == float("-inf"), 0.0)  # rows with nothing yet
                 total = total * torch.exp(top - shift) + logits.sub_(shift[:, None]).exp_().sum(1)
                 top = new_top
             lse[r:r + chunk] = top + torch.log(total)
         ctx.save_for_backward(anchors, candidates, exclude, lse)
-        ctx.temperature, ctx.chunk, ctx.span = temperature, chunk, span
+        ctx.temperature, ctx.chunk = temperature, chunk
         return lse
 
     @staticmethod
     def backward(ctx, grad):
         anchors, candidates, exclude, lse = ctx.saved_tensors
-        t, chunk, span = ctx.temperature, ctx.chunk, ctx.span
+        t, chunk = ctx.temperature, ctx.chunk
         # A row with every column excluded has lse = -inf and passes no gradient (as in the
         # dense path): zero its incoming gradient, which may be nan, and use lse = +inf so
         # that its weights are exp(-inf) = 0 rather than exp(-inf + inf) = nan.
@@ -185,7 +178,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
             scaled, g = a / t, grad[r:r + chunk, None] / t
             for c in range(0, len(candidates), chunk):
                 cand = candidates[c:c + chunk]
-                logits = _tile_logits(scaled, cand, ex if _overlaps(ex, c, len(cand), span) else None, c)
+                logits = _tile_logits(scaled, cand, ex, c)
                 weight = logits.sub_(lse[r:r + chunk, None]).exp_().mul_(g)
                 grad_a[r:r + chunk].addmm_(weight, cand)
                 grad_c[c:c + chunk].addmm_(weight.T, a)
