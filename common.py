@@ -451,7 +451,7 @@ def make_model(args, meta, device):
 
 def forward_views(net, views, args):
     """Forward all views of the batch in one pass (bf16 autocast on GPU unless
-    --precision fp32, channels_last) and return one fp32 (B, 128) tensor per view. The
+    --precision fp32, channels_last) and return one fp32 (B, dim) tensor per view. The
     loss then runs outside autocast, so the similarity maths is fp32."""
     device = next(net.parameters()).device
     x = torch.cat([v.to(device, non_blocking=True) for v in views]).contiguous(memory_format=torch.channels_last)
@@ -692,17 +692,8 @@ def spectral_epoch(args, model, train_set, epoch):
     """Embed every training image (two augmented views, model in eval mode, no grad) and
     build this epoch's global batches; rank 0 clusters and broadcasts, so every rank trains
     on the same global batches. Returns a (batches, B) LongTensor on the CPU."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    zs, index = [], []
-    for views, _, idx in loader(train_set, 256, args.workers, sampler=Shard(len(train_set))):
-        zs.append(torch.stack(forward_views(model, views[:2], args), 1))  # (n, 2, 128)
-        index.append(idx.to(device))
-    model.train(was_training)
-    z, index = gather_rows(torch.cat(zs)), gather_rows(torch.cat(index))
-    z = z[index.argsort()]  # row i = dataset index i
-    batches = torch.empty(len(train_set) // args.batch, args.batch, dtype=torch.long, device=device)
+    z = gather_rows(features(args, model, Views(train_set.base, train_set.transform, 2))[0])  # row i = index i
+    batches = torch.empty(len(train_set) // args.batch, args.batch, dtype=torch.long, device=z.device)
     if rank() == 0:
         g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
         batches = torch.stack(spectral_batches(z[:, 0], z[:, 1], args.batch, args.temperature, args.sc_clusters, g))
@@ -880,16 +871,18 @@ def pretrain(args, model, train_set, train_step, buffers=None):
 
 
 @torch.no_grad()
-def features(args, backbone, ds, batch):
-    """Frozen-backbone features and labels of this rank's unpadded shard of `ds`."""
-    device = next(backbone.parameters()).device
-    feats, labels = [], []
-    for views, y, _ in loader(ds, batch, args.workers, sampler=Shard(len(ds))):
-        x = views[0].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            feats.append(backbone(x).float())
-        labels.append(y.to(device))
-    return torch.cat(feats), torch.cat(labels)
+def features(args, net, ds):
+    """net's fp32 outputs for every view of this rank's unpadded shard of `ds` (contiguous,
+    so gather_rows puts row i at dataset index i), shape (n, views, dim), and the labels.
+    net is in eval mode meanwhile: BN uses, and never updates, its running statistics."""
+    was_training = net.training
+    net.eval()
+    out, labels = [], []
+    for views, y, _ in loader(ds, 256, args.workers, sampler=Shard(len(ds))):
+        out.append(torch.stack(forward_views(net, views, args), 1))
+        labels.append(y)
+    net.train(was_training)
+    return torch.cat(out), torch.cat(labels).to(out[0].device)
 
 
 def chunked_topk(queries, bank, k, chunk=65536):
@@ -910,21 +903,18 @@ def knn_monitor(args, backbone, k=200, temperature=0.1):
     """Weighted kNN (Wu et al. 2018, as in InstDisc/MoCo): cosine similarity to the whole
     training set, top-k neighbours vote with weight exp(sim / T). Top-1 in %."""
     train, val, meta = base_datasets(args)
-    was_training = backbone.training
-    backbone.eval()
     plain = eval_transform(meta)
-    bank, bank_y = features(args, backbone, Views(subset(train, args.subset, args.seed), plain, 1), 256)
+    bank, bank_y = features(args, backbone, Views(subset(train, args.subset, args.seed), plain, 1))
     half = torch.float16 if bank.is_cuda else torch.float32  # a 1.28M x 2048 bank: 5 GB in fp16 on every GPU
-    bank, bank_y = gather_rows(F.normalize(bank, dim=1).to(half)), gather_rows(bank_y)
-    q, qy = features(args, backbone, Views(val, plain, 1), 256)
-    q = F.normalize(q, dim=1).to(bank.dtype)
+    bank, bank_y = gather_rows(F.normalize(bank[:, 0], dim=1).to(half)), gather_rows(bank_y)
+    q, qy = features(args, backbone, Views(val, plain, 1))
+    q = F.normalize(q[:, 0], dim=1).to(bank.dtype)
     correct = torch.zeros((), device=q.device)
     for s in range(0, len(q), 256):
         sim, idx = chunked_topk(q[s:s + 256], bank, k)
         votes = torch.zeros(len(sim), meta["classes"], device=q.device)
         votes.scatter_add_(1, bank_y[idx], (sim.float() / temperature).exp())
         correct += (votes.argmax(1) == qy[s:s + 256]).sum()
-    backbone.train(was_training)
     return _sum_over_ranks(correct, len(q), len(val))
 
 
@@ -968,8 +958,8 @@ def linear_eval(args, backbone, meta):
         data = loader(ds, batch // world(), args.workers, sampler=sampler, drop_last=True)
         model = DistributedDataParallel(head) if world() > 1 else head
     else:
-        x_train, y_train = features(args, backbone, Views(train, eval_transform(meta), 1), 256)
-        x_train, y_train = gather_rows(x_train), gather_rows(y_train)
+        x_train, y_train = features(args, backbone, Views(train, eval_transform(meta), 1))
+        x_train, y_train = gather_rows(x_train[:, 0]), gather_rows(y_train)
         model = head  # every rank trains the same head on the same cached features
     steps = len(data) if meta["folder"] else len(x_train) // batch
     if steps == 0:
@@ -979,7 +969,7 @@ def linear_eval(args, backbone, meta):
     for epoch in bar:
         if meta["folder"]:
             sampler.set_epoch(epoch)
-            batches = ((v[0].to(device, non_blocking=True), y.to(device)) for v, y, _ in data)
+            batches = ((v, y.to(device)) for v, y, _ in data)
         else:
             perm = torch.randperm(len(x_train), device=device)[: steps * batch].view(steps, batch)
             batches = ((x_train[p], y_train[p]) for p in perm)
@@ -987,9 +977,9 @@ def linear_eval(args, backbone, meta):
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps + i, epochs * steps, 0, lr)
             if meta["folder"]:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    x = backbone(x.contiguous(memory_format=torch.channels_last))
-            loss = F.cross_entropy(model(x.float()), y)
+                with torch.no_grad():
+                    x = forward_views(backbone, x, args)[0]
+            loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -999,9 +989,9 @@ def linear_eval(args, backbone, meta):
             for k, v in backbone.state_dict().items():
                 if not torch.equal(v, frozen[k]):
                     raise RuntimeError(f"linear protocol violated: backbone tensor {k} changed during the probe")
-    x_val, y_val = features(args, backbone, Views(val, eval_transform(meta), 1), 256)
+    x_val, y_val = features(args, backbone, Views(val, eval_transform(meta), 1))
     with torch.no_grad():
-        correct = (head(x_val).argmax(1) == y_val).sum()
+        correct = (head(x_val[:, 0]).argmax(1) == y_val).sum()
     acc = _sum_over_ranks(correct, len(x_val), len(val))
     log_line(args, dict(linear_top1=acc, lin_epochs=epochs, lin_batch=batch, lin_lr=lr))
     if rank() == 0:
