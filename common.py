@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
@@ -95,9 +95,7 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x):
     """(n, ...) local rows -> (n * world, ...) rows of all ranks in rank order, with the
     gradient flowing back to every rank. The identity when not distributed."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
+    return x if world() == 1 else _GatherWithGrad.apply(x)
 
 
 def gather_rows(x):
@@ -250,19 +248,6 @@ class Views(Dataset):
         return [self.transform(img) for _ in range(self.n_views)], label, i
 
 
-class TensorImages(Dataset):
-    """uint8 images (N, C, H, W) held in memory, with integer labels."""
-
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i])
-
-
 def load_image(path):
     """PIL loader that names the broken file instead of failing deep inside PIL."""
     from PIL import Image
@@ -344,7 +329,7 @@ def _base_datasets(name, root):
              "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
              "fashion-mnist": ((0.286,), (0.353,)), "stl10": IMAGENET_STATS}.get(name, ((0.5,) * 3, (0.25,) * 3))
     meta = dict(size=xt.shape[-1], channels=xt.shape[1], classes=int(yt.max()) + 1, stats=stats, folder=False)
-    return TensorImages(xt, yt), TensorImages(xv, yv), meta
+    return TensorDataset(xt, yt), TensorDataset(xv, yv), meta  # uint8 (N, C, H, W) images in memory
 
 
 def subset(ds, n, seed):
@@ -406,18 +391,10 @@ def loader(ds, batch, workers, sampler=None, drop_last=False):
                       pin_memory=torch.cuda.is_available(), drop_last=drop_last)
 
 
-class Shard(torch.utils.data.Sampler):
-    """This rank's contiguous share of the indices, neither padded nor dropped, so that
-    evaluation sees every sample exactly once across ranks (DistributedSampler pads)."""
-
-    def __init__(self, n):
-        self.idx = list(range(n))[rank() * n // world():(rank() + 1) * n // world()]
-
-    def __iter__(self):
-        return iter(self.idx)
-
-    def __len__(self):
-        return len(self.idx)
+def shard(n):
+    """This rank's contiguous share of range(n), neither padded nor dropped (DistributedSampler
+    pads), so evaluation sees every sample exactly once across ranks, in rank order."""
+    return range(rank() * n // world(), (rank() + 1) * n // world())
 
 
 # ----------------------------------------------------------------------------- model
@@ -554,7 +531,7 @@ def setup(args):
     check runs before any file is written, so a bad flag never touches a checkpoint."""
     w = int(os.environ.get("WORLD_SIZE", 1))
     checks = [(args.batch >= 2, f"--batch {args.batch}: a contrastive batch needs at least 2 images"),
-              (args.batch > 0 and args.batch % w == 0,
+              (args.batch % w == 0,
                f"--batch {args.batch} does not divide across {w} processes; use a multiple of {w}"),
               (args.epochs >= 0, "--epochs must be >= 0"),
               (0 <= args.warmup_epochs, "--warmup-epochs must be >= 0"),
@@ -702,20 +679,6 @@ def spectral_epoch(args, model, train_set, epoch):
     return batches.cpu()
 
 
-class GlobalBatches(torch.utils.data.Sampler):
-    """Batch sampler over fixed global batches: this rank's contiguous share of each."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        per = self.batches.shape[1] // world()
-        return iter(row[rank() * per:(rank() + 1) * per].tolist() for row in self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 # ----------------------------------------------------------------------------- training loop
 
 
@@ -814,8 +777,9 @@ def pretrain(args, model, train_set, train_step, buffers=None):
             # A fresh order of the batches each epoch, the same on every rank (with --sc-every > 1
             # the same batches come back, not in the same order).
             order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-            data = DataLoader(train_set, batch_sampler=GlobalBatches(batches[order]), num_workers=args.workers,
-                              pin_memory=device.type == "cuda")
+            mine = slice(rank() * per_rank, (rank() + 1) * per_rank)  # this rank's share of each global batch
+            data = DataLoader(train_set, batch_sampler=[row[mine].tolist() for row in batches[order]],
+                              num_workers=args.workers, pin_memory=device.type == "cuda")
         model.train()
         sampler.set_epoch(epoch)
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -878,7 +842,7 @@ def features(args, net, ds):
     was_training = net.training
     net.eval()
     out, labels = [], []
-    for views, y, _ in loader(ds, 256, args.workers, sampler=Shard(len(ds))):
+    for views, y, _ in loader(ds, 256, args.workers, sampler=shard(len(ds))):
         out.append(torch.stack(forward_views(net, views, args), 1))
         labels.append(y)
     net.train(was_training)

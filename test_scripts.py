@@ -217,8 +217,8 @@ def test_fashion_mnist_offline_end_to_end(tmp_path):
     train, val, meta = common.base_datasets(argparse.Namespace(data="fashion-mnist", data_root=str(tmp_path)))
     assert (len(train), len(val)) == (60000, 10000)
     assert meta == dict(size=28, channels=1, classes=10, stats=((0.286,), (0.353,)), folder=False)
-    assert torch.bincount(train.labels).tolist() == [6000] * 10  # the published class balance
-    assert abs(train.images.float().mean().item() / 255 - 0.286) < 0.001  # pixels parsed, not the header
+    assert torch.bincount(train.tensors[1]).tolist() == [6000] * 10  # the published class balance
+    assert abs(train.tensors[0].float().mean().item() / 255 - 0.286) < 0.001  # pixels parsed, not the header
     out = str(tmp_path / "run")
     p = run("simclr.py", "--data", "fashion-mnist", "--subset", "512", "--arch", "resnet18", "--batch", "128",
             "--epochs", "1", "--workers", "0", "--knn-every", "0", "--lin-epochs", "20", "--lin-batch", "128",
