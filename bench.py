@@ -4,6 +4,10 @@
     python bench.py loss --device cpu --views 2048,4096,8192
     python bench.py spectral                              # 1.28M x 128 on GPU, 50k on CPU
     python bench.py spectral-toy                          # the paper's synthetic experiment
+    python bench.py pipeline                              # ResNet-50, B 256, synthetic JPEG folder
+    python bench.py pipeline --data fashion-mnist --arch resnet18 --batch 32
+    python bench.py reproduce --dry-run                   # the README's results grid: commands
+    python bench.py reproduce --plot results.png          # run it (resumable), table + figure
 
 `loss`: InfoNCE forward + backward on `views` random 128-d projections (views / 2 images,
 every view an anchor against all views, as on one GPU): the dense path (the baseline: the
@@ -23,16 +27,39 @@ training log (`spectral_seconds` includes it).
 `spectral-toy`: Cho et al.'s synthetic experiment: N trainable pairs (u_i, v_i) in d = 2N,
 batches of B = 2, SGD; the full-batch loss after the same number of steps with random and
 with spectral batches, over three seeds.
+`pipeline`: views/s of a SimCLR training step (forward, loss, backward, LARS) fed three ways:
+(a) the compute bound, the same step on random views already on the device; (b) the
+project's data path (common.augmented_batches: workers decode and crop JPEGs, the device does
+the rest; small sets live on the device); (c) the plain torchvision CPU pipeline, the same
+recipe per image in the same number of DataLoader workers. Also (b) and (c) without the
+step ("data only": what the pipeline can deliver), b/a and b/c, each with --compile off and
+on (on GPU), and, when --batch is not 256, the epoch time at --batch over that at 256
+(path b). --data: an ImageFolder root (its train/ is read), a named small set, or nothing:
+a synthetic folder of --images photo-like JPEGs (500 x 375, quality 90) is made under
+data/bench-jpeg. --save-grid PATH writes 8 images' two views from (b) (top rows) and
+(c) (bottom rows).
+`reproduce`: the README's results grid, every method at every --batches size and --seeds seed
+with the same backbone (resnet18, CIFAR stem), epochs and T; each run in its own --out-dir
+under runs/reproduce/, skipped when its log already holds a linear top-1, so an interrupted
+grid resumes. Prints a markdown table of linear and kNN top-1 (mean +- std over seeds) with
+the wall time of each cell; --plot PATH draws accuracy against batch size (needs matplotlib,
+the only place this repository uses it).
 """
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, RandomSampler
+from torchvision.transforms import v2 as T
 
 import common
 from simclr import info_nce_loss
@@ -152,15 +179,227 @@ def bench_spectral_toy(args):
         print(f"{mode:>9}: " + "  ".join(f"{x:.3f}" for x in losses) + f"   mean {sum(losses) / 3:.3f}")
 
 
+def torchvision_transform(meta):
+    """The baseline: SimCLR's recipe as torchvision composes it, one image at a time on the CPU
+    (PIL operations for photos, uint8 tensor operations for the small sets)."""
+    rec, s = common.recipe(meta), common.recipe(meta)["strength"]
+    ops = [T.RandomResizedCrop(meta["size"], scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip()]
+    if rec["colour"]:
+        ops += [T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), T.RandomGrayscale(p=0.2)]
+    if rec["blur"]:
+        ops += [T.RandomApply([T.GaussianBlur(rec["blur"], sigma=(0.1, 2.0))], p=0.5)]
+    return T.Compose(ops + [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*meta["stats"])])
+
+
+def _photo(i, out, size=(375, 500)):
+    """A photo-like image: smooth colour regions, texture at two scales, sensor noise."""
+    g = torch.Generator().manual_seed(i)
+    x = sum(a * F.interpolate(torch.rand(1, 3, *(d * k for d in (3, 4)), generator=g), size=size, mode="bicubic")
+            for a, k in ((0.7, 2), (0.2, 12), (0.1, 48)))
+    x = (x + 0.03 * torch.randn(1, 3, *size, generator=g)).clamp(0, 1)[0]
+    cls = os.path.join(out, "train", f"c{i % 10}")
+    os.makedirs(cls, exist_ok=True)
+    T.functional.to_pil_image(x).save(os.path.join(cls, f"{i}.jpg"), quality=90)
+
+
+def jpeg_folder(n, root="data/bench-jpeg"):
+    done = sum(len(f) for _, _, f in os.walk(root)) if os.path.isdir(root) else 0
+    if done != n:
+        import shutil
+        from multiprocessing import Pool
+
+        shutil.rmtree(root, ignore_errors=True)
+        torch.set_num_threads(1)
+        with Pool(os.cpu_count()) as pool:
+            pool.starmap(_photo, [(i, root) for i in range(n)])
+        torch.set_num_threads(os.cpu_count())
+    return root
+
+
+def timed(batches, step, warmup, steps, device):
+    """Views per second over `steps` steps after `warmup` steps (worker start-up excluded)."""
+    it = iter(batches)
+    for _ in range(warmup):
+        step(next(it))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tick, n = time.perf_counter(), 0
+    for _ in range(steps):
+        views = next(it)
+        step(views)
+        n += views.shape[0] * views.shape[1]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - tick)
+
+
+def bench_pipeline(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    root = args.data or jpeg_folder(args.images)
+    folder = root not in common.NAMED
+    if folder:
+        train = torchvision.datasets.ImageFolder(os.path.join(root, "train"), loader=common.load_image)
+        meta = dict(size=224, channels=3, classes=len(train.classes), stats=common.IMAGENET_STATS, folder=True)
+    else:
+        train, _, meta = common._base_datasets(root, "./data")
+    opts = SimpleNamespace(arch=args.arch, bf16=device.type == "cuda")
+    total = args.warmup + args.steps
+    print(f"{device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
+          f"torch {torch.__version__}; {args.arch}, batch {args.batch}, 2 views, {args.workers} workers, "
+          f"{'folder ' + root if folder else root} ({len(train)} images); {args.steps} timed steps after {args.warmup}")
+
+    ours = common.Crops(train.samples, meta["size"], 2) if folder else torch.utils.data.TensorDataset(train.tensors[0].to(device))
+    theirs = common.Views(train, torchvision_transform(meta), 2)
+
+    def project(batch, rows=None):  # (b): random global batches, as many as the timing needs, cycling the set
+        rows = torch.stack([torch.randperm(len(train))[:batch] for _ in range(total)]) if rows is None else rows
+        return (v for v, _ in common.augmented_batches(ours, meta, rows, 2, args.workers, device))
+
+    def baseline(batch):  # (c): torchvision per image in the workers, the views then copied to the device
+        data = DataLoader(theirs, batch, sampler=RandomSampler(theirs, num_samples=total * batch), num_workers=args.workers,
+                          pin_memory=device.type == "cuda", drop_last=True)
+        return (v.to(device, non_blocking=True).transpose(0, 1) for v, _, _ in data)
+
+    if args.save_grid:
+        mean, std = (torch.tensor(s)[None, :, None, None] for s in meta["stats"])
+        views = torch.cat([*next(project(8, torch.arange(8)[None])).cpu(), *torch.stack([theirs[i][0] for i in range(8)], 1)])
+        torchvision.utils.save_image((views * std + mean).clamp(0, 1), args.save_grid, nrow=8, padding=2)
+        print(f"wrote {args.save_grid}: 8 images; rows 1-2 their two views from (b), rows 3-4 from (c)")
+
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile or ("both" if device.type == "cuda" else "off")]
+    results = {}
+    for compiled in compiles:
+        torch.manual_seed(0)
+        model = common.make_model(opts, meta, device)
+        opt = common.LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
+        net = torch.compile(model) if compiled else model
+
+        def step(views):
+            z1, z2 = common.forward_views(net, views, opts)
+            loss = info_nce_loss(z1, z2, 0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def fixed(batch):
+            x = torch.randn(2, batch, meta["channels"], meta["size"], meta["size"], device=device)
+            return (x for _ in range(total))
+
+        row = dict(a=timed(fixed(args.batch), step, args.warmup, args.steps, device),
+                   b=timed(project(args.batch), step, args.warmup, args.steps, device),
+                   c=timed(baseline(args.batch), step, args.warmup, args.steps, device))
+        if args.batch != 256:
+            row["b256"] = timed(project(256), step, args.warmup, args.steps, device)
+        results[compiled] = row
+    none = lambda views: None
+    data_b = timed(project(args.batch), none, args.warmup, args.steps, device)
+    data_c = timed(baseline(args.batch), none, args.warmup, args.steps, device)
+    print(f"{'compile':>8} {'(a) bound':>10} {'(b) ours':>10} {'(c) tv':>10} {'b/a':>6} {'b/c':>6}   views/s")
+    for compiled, r in results.items():
+        print(f"{'on' if compiled else 'off':>8} {r['a']:10.0f} {r['b']:10.0f} {r['c']:10.0f} {r['b'] / r['a']:6.2f} {r['b'] / r['c']:6.2f}"
+              + (f"   epoch time batch {args.batch} / batch 256: {r['b256'] / r['b']:.2f}" if "b256" in r else ""))
+    print(f"data only (no step): (b) {data_b:.0f}  (c) {data_c:.0f}  views/s, b/c {data_b / data_c:.2f}")
+
+
+GRID = (("SimCLR", "simclr.py", []), ("SogCLR", "sogclr.py", []), ("DCL", "dcl.py", []),
+        ("DCLW", "dcl.py", ["--dcl-sigma", "0.5"]), ("FlatNCE", "flatnce.py", []),
+        ("Poly-View M=4", "polyview.py", ["--pv-views", "4", "--pv-objective", "geometric"]),
+        ("Poly-View M=4, equal views", "polyview.py", ["--pv-views", "4", "--pv-objective", "geometric", "HALF"]),
+        ("SimCLR, spectral batches", "simclr.py", ["--batching", "spectral"]))
+
+
+def bench_reproduce(args):
+    import statistics
+
+    rows = []
+    for name, script, flags in GRID:
+        for batch in map(int, args.batches.split(",")):
+            cell = []
+            for seed in map(int, args.seeds.split(",")):
+                # equal views: M = 4 views for half the epochs process as many views as 2 views for all
+                epochs = args.epochs // 2 if "HALF" in flags else args.epochs
+                out = os.path.join(args.runs, f"{re.sub('[^a-z0-9]+', '-', name.lower())}-b{batch}-s{seed}")
+                cmd = [sys.executable, script, "--data", args.data or "fashion-mnist", "--arch", "resnet18",
+                       "--batch", str(batch), "--epochs", str(epochs), "--warmup-epochs", str(min(10, epochs / 10)),
+                       "--temperature", str(args.temperature), "--subset", str(args.subset), "--seed", str(seed),
+                       "--knn-every", str(epochs), "--workers", "0", "--out-dir", out] + [f for f in flags if f != "HALF"]
+                if args.dry_run:
+                    print(" ".join(cmd[1:]))
+                    continue
+                log = os.path.join(out, "log.jsonl")
+                records = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+                if not any("linear_top1" in r for r in records):
+                    tick = time.time()
+                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                    records = [json.loads(line) for line in open(log)]
+                    records.append(dict(wall_seconds=time.time() - tick))
+                    with open(log, "a") as f:
+                        f.write(json.dumps(records[-1]) + "\n")
+                get = lambda key: [r[key] for r in records if key in r][-1]
+                cell.append(dict(lin=get("linear_top1"), knn=get("knn_top1"), wall=get("wall_seconds")))
+            if cell:
+                rows.append(dict(method=name, batch=batch, cell=cell))
+    if args.dry_run:
+        return
+    ms = lambda xs: f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
+    print("| method | batch | linear top-1 | kNN top-1 | seeds | minutes per run |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['method']} | {r['batch']} | {ms([c['lin'] for c in r['cell']])} | {ms([c['knn'] for c in r['cell']])} "
+              f"| {len(r['cell'])} | {statistics.mean(c['wall'] for c in r['cell']) / 60:.1f} |")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+        for ax, key in zip(axes, ("lin", "knn")):
+            for name in dict.fromkeys(r["method"] for r in rows):
+                mine = [r for r in rows if r["method"] == name]
+                ys = [[c[key] for c in r["cell"]] for r in mine]
+                ax.errorbar([r["batch"] for r in mine], [statistics.mean(y) for y in ys],
+                            yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys], marker="o", capsize=3, label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("global batch size")
+            ax.set_ylabel(("linear" if key == "lin" else "kNN") + " top-1 (%)")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{args.data or 'fashion-mnist'}, resnet18, {args.epochs} epochs, T {args.temperature}"
+                     + (f", {args.subset} training images" if args.subset else ""))
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("loss", "loss-one", "spectral", "spectral-toy"))
+    p.add_argument("what", choices=("loss", "loss-one", "spectral", "spectral-toy", "pipeline", "reproduce"))
     p.add_argument("--views", default=None, help="comma-separated view counts (loss-one: one number)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--chunk", type=int, default=4096, help="tile size of the chunked path")
     p.add_argument("--mode", choices=("dense", "chunked"), default="chunked", help="loss-one only")
+    p.add_argument("--data", default=None, help="pipeline: ImageFolder root or named small set (default: synthetic JPEGs)")
+    p.add_argument("--images", type=int, default=5000, help="pipeline: synthetic JPEGs to make")
+    p.add_argument("--arch", default="resnet50", choices=common.ARCHS)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--compile", choices=("off", "on", "both"), default=None, help="default: both on GPU, off on CPU")
+    p.add_argument("--save-grid", default=None, help="pipeline: write augmented views of both pipelines to this PNG")
+    p.add_argument("--batches", default="32,128,512", help="reproduce: global batch sizes")
+    p.add_argument("--seeds", default="0,1,2", help="reproduce: seeds")
+    p.add_argument("--epochs", type=int, default=50, help="reproduce: pretraining epochs")
+    p.add_argument("--temperature", type=float, default=0.1, help="reproduce: T of every method")
+    p.add_argument("--subset", type=int, default=0, help="reproduce: training images (0: all)")
+    p.add_argument("--runs", default="runs/reproduce", help="reproduce: where the runs go")
+    p.add_argument("--dry-run", action="store_true", help="reproduce: print the commands only")
+    p.add_argument("--plot", default=None, help="reproduce: write accuracy against batch size to this PNG")
     args = p.parse_args()
-    if args.what == "loss":
+    if args.what == "reproduce":
+        bench_reproduce(args)
+    elif args.what == "pipeline":
+        bench_pipeline(args)
+    elif args.what == "loss":
         bench_loss(args)
     elif args.what == "spectral":
         bench_spectral(args)

@@ -245,7 +245,7 @@ class Views(Dataset):
 
     def __getitem__(self, i):
         img, label = self.base[i]
-        return [self.transform(img) for _ in range(self.n_views)], label, i
+        return torch.stack([self.transform(img) for _ in range(self.n_views)]), label, i
 
 
 def load_image(path):
@@ -332,31 +332,220 @@ def _base_datasets(name, root):
     return TensorDataset(xt, yt), TensorDataset(xv, yv), meta  # uint8 (N, C, H, W) images in memory
 
 
+def subset_indices(total, n, seed):
+    """A fixed random choice of n of `total` samples (n = 0: all), the same on every rank."""
+    if not n or n >= total:
+        return list(range(total))
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].tolist()
+
+
 def subset(ds, n, seed):
-    """A fixed random subset of n samples (n = 0: all), the same on every rank."""
-    if not n or n >= len(ds):
-        return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
-    return torch.utils.data.Subset(ds, idx.tolist())
+    keep = subset_indices(len(ds), n, seed)
+    return ds if len(keep) == len(ds) else torch.utils.data.Subset(ds, keep)
 
 
 # ----------------------------------------------------------------------------- augmentation
+# SimCLR's recipe (Chen et al. 2020, appendix A) with per-sample random parameters, split so
+# that no CPU core touches a pixel it does not have to. Photo folders: DataLoader workers
+# read, decode at reduced size where the crop allows (JPEG draft mode) and RandomResizedCrop
+# to uint8 (`Crops`). Small sets: the whole uint8 set sits on the device and the crop is a
+# batched bilinear resample. Everything else (flip, colour jitter in a random order per
+# sample, grayscale, blur, normalisation) runs in `augment` on the device, in batches. All
+# random parameters come from torch's CPU RNG, which the checkpoint saves, so resumes are
+# exact; they are drawn exactly as torchvision draws them (tested in test_losses.py).
+# Deviations from torchvision's per-image pipeline: colour operations run on floats
+# (torchvision rounds uint8 images to integers after each one); no solarize (SimCLR has none).
 
 
-def simclr_transform(meta):
-    """SimCLR's augmentation (Chen et al. 2020, appendix A), per sample.
-    Photos (> 64 px): RandomResizedCrop scale 0.08-1, flip, colour jitter strength 1.0
-    (0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale p 0.2, Gaussian blur p 0.5 with a kernel of
-    10% of the side and sigma 0.1-2. Small colour images (<= 64 px): strength 0.5, no blur,
-    as in the paper's CIFAR-10 experiments. Grayscale data: no colour operations."""
-    size, large = meta["size"], meta["size"] > 64
-    ops = [T.ToImage(), T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip()]
-    if meta["channels"] == 3:
-        s = 1.0 if large else 0.5
-        ops += [T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), T.RandomGrayscale(p=0.2)]
-    if large:
-        ops += [T.RandomApply([T.GaussianBlur(int(0.1 * size) // 2 * 2 + 1, sigma=(0.1, 2.0))], p=0.5)]
-    return T.Compose(ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(*meta["stats"])])
+def recipe(meta):
+    """Photos (> 64 px): colour jitter strength 1.0, blur p 0.5 with a kernel of 10% of the
+    side. Small colour images (<= 64 px): strength 0.5 and no blur, as in the paper's CIFAR-10
+    runs. Grayscale data: no colour operations."""
+    large = meta["size"] > 64
+    return dict(colour=meta["channels"] == 3, strength=1.0 if large else 0.5,
+                blur=int(0.1 * meta["size"]) // 2 * 2 + 1 if large else 0)
+
+
+def crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params for n crops at once, as a float (n, 4)
+    tensor of (top, left, h, w): up to 10 tries of an area fraction ~ U(scale) and a
+    log-uniform aspect ratio, the first that fits, else a centre crop of clamped ratio."""
+    area = height * width * torch.empty(n, 10).uniform_(*scale)
+    r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    w, h = (area * r).sqrt().round(), (area / r).sqrt().round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first try that fits
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
+    if width / height < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    w, h = torch.where(found, w, float(fw)), torch.where(found, h, float(fh))
+    top = torch.where(found, (torch.rand(n) * (height - h + 1)).floor(), ((height - h) // 2))
+    left = torch.where(found, (torch.rand(n) * (width - w + 1)).floor(), ((width - w) // 2))
+    return torch.stack([top, left, h, w], 1)
+
+
+def sample_augmentation(n, meta, height=None, width=None):
+    """Random parameters for n views, on the CPU: (floats, jitter, lengths). floats is
+    (n, 11): crop box (top, left, h, w; only when height and width are given, else zeros),
+    flip, grayscale, brightness, contrast, saturation and hue factors, blur sigma (0: no blur).
+    jitter holds 16 index lists, one per (position, operation) of the colour jitter, whose
+    order is a uniform random permutation per sample, applied with p 0.8; lengths their sizes."""
+    rec, s = recipe(meta), recipe(meta)["strength"]
+    box = crop_boxes(n, height, width) if height else torch.zeros(n, 4)
+    flip = (torch.rand(n) < 0.5).float()
+    factors = torch.stack([torch.empty(n).uniform_(max(0, 1 - 0.8 * s), 1 + 0.8 * s) for _ in range(3)]
+                          + [torch.empty(n).uniform_(-0.2 * s, 0.2 * s)], 1)
+    jittered, order = torch.rand(n) < 0.8, torch.rand(n, 4).argsort(1)  # argsort of uniforms: a uniform permutation
+    gray = (torch.rand(n) < 0.2).float()
+    sigma = torch.empty(n).uniform_(0.1, 2.0) * (torch.rand(n) < 0.5)
+    if not rec["colour"]:
+        jittered, gray = torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+    if not rec["blur"]:
+        sigma = torch.zeros(n)
+    jitter = [torch.nonzero(jittered & (order[:, k] == op))[:, 0] for k in range(4) for op in range(4)]
+    return torch.cat([box, flip[:, None], gray[:, None], factors, sigma[:, None]], 1), jitter, [len(j) for j in jitter]
+
+
+def _gray(x):
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # ITU-R 601-2, as torchvision
+
+
+def _hue(x, shift):
+    """torchvision's adjust_hue (RGB -> HSV, h + shift mod 1, -> RGB) in closed form:
+    channel c = v - (v - min) * clamp(min(k, 4 - k), 0, 1), k = (n_c + 6h) mod 6, n = 5, 3, 1."""
+    v, lo = x.amax(1), x.amin(1)
+    r, g, b = x.unbind(1)
+    delta = v - lo
+    d = torch.where(delta > 0, delta, 1)
+    h = torch.where(v == r, (g - b) / d, torch.where(v == g, (b - r) / d + 2, (r - g) / d + 4))
+    h = (h / 6 + shift[:, None, None]) % 1
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + 6 * h[:, None]) % 6
+    return v[:, None] - delta[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+_JITTER = (lambda x, f: x * f[:, None, None, None],  # brightness, contrast, saturation: torchvision's blends
+           lambda x, f: f[:, None, None, None] * x + (1 - f[:, None, None, None]) * _gray(x).mean((2, 3), keepdim=True),
+           lambda x, f: f[:, None, None, None] * x + (1 - f[:, None, None, None]) * _gray(x),
+           _hue)
+
+
+def augment(x, floats, jitter, meta, crop):
+    """The device half of the recipe for a batch x (n, C, H, W) uint8 with the parameters of
+    sample_augmentation (already on x's device). With `crop`, crop and flip are one
+    bilinear resample to meta's size (sample coordinates clamped to the box, which is what
+    resizing the cropped image does); without, x holds the crops already and is flipped.
+    Returns normalised float32 views, channels_last."""
+    size, rec = meta["size"], recipe(meta)
+    top, left, h, w, flip, gray = floats[:, :6].unbind(1)
+    if crop:
+        o = (torch.arange(size, device=x.device) + 0.5) / size
+        ys = torch.minimum(torch.maximum(top[:, None] + o * h[:, None] - 0.5, top[:, None]), (top + h - 1)[:, None])
+        xs = torch.minimum(torch.maximum(left[:, None] + o * w[:, None] - 0.5, left[:, None]), (left + w - 1)[:, None])
+        xs = torch.where(flip[:, None] > 0, xs.flip(1), xs)
+        grid = torch.stack(torch.broadcast_tensors(((2 * xs + 1) / x.shape[3] - 1)[:, None, :],
+                                                   ((2 * ys + 1) / x.shape[2] - 1)[:, :, None]), 3)
+        x = F.grid_sample(x.float() / 255, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    else:
+        x = x.float() / 255
+        x = torch.where(flip[:, None, None, None] > 0, x.flip(3), x)
+    if rec["colour"]:
+        factors = floats[:, 6:10]
+        for i, idx in enumerate(jitter):  # position i // 4, operation i % 4
+            if len(idx):
+                x.index_copy_(0, idx, _JITTER[i % 4](x[idx], factors[idx, i % 4]).clamp_(0, 1))
+        x = torch.where(gray[:, None, None, None] > 0, _gray(x).expand_as(x), x)
+    if rec["blur"]:
+        # Per-sample Gaussian kernels as torchvision builds them (a delta where sigma is 0),
+        # applied separably as one grouped convolution over the reflect-padded batch.
+        sigma, k = floats[:, 10], rec["blur"]
+        t = torch.arange(k, device=x.device) - k // 2
+        pdf = torch.exp(-0.5 * (t / torch.where(sigma > 0, sigma, 1)[:, None]) ** 2)
+        kern = torch.where(sigma[:, None] > 0, pdf / pdf.sum(1, keepdim=True), (t == 0).float())
+        kern = kern.repeat_interleave(x.shape[1], 0)[:, None]  # (n * C, 1, k)
+        y = F.pad(x, [k // 2] * 4, mode="reflect").view(1, -1, size + k - 1, size + k - 1)
+        y = F.conv2d(F.conv2d(y, kern[..., None, :], groups=len(kern)), kern[..., None], groups=len(kern))
+        x = y.view(x.shape)
+    mean, std = (torch.tensor(s, device=x.device)[None, :, None, None] for s in meta["stats"])
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+class Crops(Dataset):
+    """Photo folders, the worker half: (n_views uint8 RandomResizedCrops, label, index) per
+    image. The crop boxes are drawn on the full image size first; JPEGs then decode at the
+    smallest of 1, 1/2, 1/4, 1/8 scale that still gives every crop `size` pixels or more
+    (PIL draft mode), and PIL crops and resizes (antialiased bilinear) in one call."""
+
+    def __init__(self, samples, size, n_views):
+        self.samples, self.size, self.n_views = samples, size, n_views
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                width, height = img.size
+                boxes = crop_boxes(self.n_views, height, width)
+                need = self.size / boxes[:, 2:].min().item()  # the smallest crop's side must stay >= size
+                img.draft("RGB", (math.ceil(width * need), math.ceil(height * need)))
+                img = img.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadInput(f"cannot decode image {path} ({type(e).__name__}); delete or replace that file") from None
+        sy, sx = img.height / height, img.width / width
+        crops = [img.resize((self.size, self.size), Image.BILINEAR, box=(l * sx, t * sy, (l + w) * sx, (t + h) * sy))
+                 for t, l, h, w in boxes.tolist()]
+        return torch.stack([torchvision.transforms.functional.pil_to_tensor(c) for c in crops]), label, i
+
+
+def train_dataset(args, n_views=2):
+    # Under torchrun, local rank 0 reads (and if need be downloads) first, the others after.
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world() > 1 and not first:
+        dist.barrier()
+    train, _, meta = base_datasets(args)
+    if world() > 1 and first:
+        dist.barrier()
+    keep = subset_indices(len(train), args.subset, args.seed)
+    if meta["folder"]:
+        return Crops([train.samples[i] for i in keep], meta["size"], n_views), meta
+    return TensorDataset(*(t[keep] for t in train.tensors)), meta
+
+
+def to_device(t, device):
+    """Host-to-device copy that does not wait for the GPU: pinned memory, non-blocking."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def augmented_batches(train_set, meta, rows, n_views, workers, device):
+    """Yields (views (n_views, b, C, S, S) float on the device, index (b,) on the device) for
+    each row of `rows`, a (steps, b) tensor of indices into train_set. Small sets: train_set
+    is a TensorDataset whose uint8 images are already on the device; there are no workers.
+    Photo folders: a Crops set read by `workers` DataLoader workers, with its own n_views. The only host-to-device
+    traffic per step is the uint8 crops (folders) and one copy of the parameters, non-blocking;
+    no step waits for the GPU."""
+    if meta["folder"]:
+        source = DataLoader(train_set, batch_sampler=rows.tolist(), num_workers=workers, pin_memory=device.type == "cuda")
+    else:
+        images = train_set.tensors[0]
+        source = ((None, None, idx) for idx in rows)
+    for crops, _, idx in source:
+        b, n_views = len(idx), n_views if crops is None else crops.shape[1]
+        floats, jitter, lengths = sample_augmentation(n_views * b, meta, *(() if crops is not None else images.shape[2:]))
+        longs, floats = to_device(torch.cat([idx] + jitter), device), to_device(floats, device)
+        idx, jitter = longs[:b], longs[b:].split(lengths)
+        if crops is None:  # view v of sample j is row v * b + j
+            x = images[idx].repeat(n_views, 1, 1, 1)
+        else:
+            x = crops.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1)
+        yield augment(x, floats, jitter, meta, crop=crops is None).unflatten(0, (n_views, b)), idx
 
 
 def eval_transform(meta, train_aug=False):
@@ -370,17 +559,6 @@ def eval_transform(meta, train_aug=False):
     else:
         ops = [T.Resize(meta["size"] * 8 // 7, antialias=True), T.CenterCrop(meta["size"])]
     return T.Compose([T.ToImage()] + ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(*meta["stats"])])
-
-
-def train_dataset(args, n_views=2):
-    # Under torchrun, local rank 0 reads (and if need be downloads) first, the others after.
-    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if world() > 1 and not first:
-        dist.barrier()
-    train, _, meta = base_datasets(args)
-    if world() > 1 and first:
-        dist.barrier()
-    return Views(subset(train, args.subset, args.seed), simclr_transform(meta), n_views), meta
 
 
 def loader(ds, batch, workers, sampler=None, drop_last=False):
@@ -427,11 +605,11 @@ def make_model(args, meta, device):
 
 
 def forward_views(net, views, args):
-    """Forward all views of the batch in one pass (bf16 autocast on GPU unless
-    --precision fp32, channels_last) and return one fp32 (B, dim) tensor per view. The
-    loss then runs outside autocast, so the similarity maths is fp32."""
+    """Forward all views (V, B, C, H, W) of the batch in one pass (bf16 autocast on GPU
+    unless --precision fp32, channels_last) and return one fp32 (B, dim) tensor per view.
+    The loss then runs outside autocast, so the similarity maths is fp32."""
     device = next(net.parameters()).device
-    x = torch.cat([v.to(device, non_blocking=True) for v in views]).contiguous(memory_format=torch.channels_last)
+    x = views.flatten(0, 1).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         z = net(x)
     return z.float().chunk(len(views))
@@ -450,21 +628,24 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        # One fused (foreach) kernel per operation across all tensors, instead of ~10 small
+        # launches per tensor, and no host sync: at small batches launches are the step time.
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=group["weight_decay"])
-                    w_norm, d_norm = torch.norm(p), torch.norm(d)
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
-                    d = d.mul(trust)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                state["mu"].mul_(group["momentum"]).add_(d)
-                p.add_(state["mu"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            steps = [p.grad for p in params]
+            matrices = [i for i, p in enumerate(params) if p.ndim > 1]
+            if matrices:
+                w = [params[i] for i in matrices]
+                d = torch._foreach_add([steps[i] for i in matrices], w, alpha=group["weight_decay"])
+                w_norm, d_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(d))
+                trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
+                torch._foreach_mul_(d, list(trust.unbind()))
+                for i, di in zip(matrices, d):
+                    steps[i] = di
+            mu = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(mu, group["momentum"])
+            torch._foreach_add_(mu, steps)
+            torch._foreach_add_(params, mu, alpha=-group["lr"])
 
 
 def lr_at(step, total, warmup, base):
@@ -514,7 +695,9 @@ def get_parser(doc):
     # system
     p.add_argument("--out-dir", default="./runs/default", help="checkpoint, log and weights; resumes if it holds a checkpoint")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile the model; reduce-overhead also replays forward and backward as CUDA graphs "
+                        "(for small batches, where kernel launches dominate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     # evaluation
@@ -573,6 +756,7 @@ def build(args, n_views=2):
     rank's device: what every method's main starts with."""
     device = setup(args)
     train_set, meta = train_dataset(args, n_views)
+    args.n_views = n_views
     return make_model(args, meta, device), train_set, meta
 
 
@@ -664,16 +848,37 @@ def spectral_batches(z1, z2, batch_size, temperature=0.1, clusters=40, generator
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
 
+def _batch_loss(z, rows, temperature):
+    """Mean NT-Xent within each batch of `rows` on the embeddings z (N, 2, D)."""
+    losses = []
+    for r in rows.to(z.device):
+        v = F.normalize(torch.cat([z[r, 0], z[r, 1]]), dim=1)
+        s = (v @ v.T / temperature).fill_diagonal_(float("-inf"))
+        i = torch.arange(len(v), device=v.device)
+        losses.append((s.logsumexp(1) - s[i, (i + len(r)) % len(v)]).mean())
+    return float(torch.stack(losses).mean())
+
+
 @torch.no_grad()
-def spectral_epoch(args, model, train_set, epoch):
+def spectral_epoch(args, model, train_set, meta, epoch):
     """Embed every training image (two augmented views, model in eval mode, no grad) and
     build this epoch's global batches; rank 0 clusters and broadcasts, so every rank trains
     on the same global batches. Returns a (batches, B) LongTensor on the CPU."""
-    z = gather_rows(features(args, model, Views(train_set.base, train_set.transform, 2))[0])  # row i = index i
+    device, mine = next(model.parameters()).device, shard(len(train_set))
+    model.eval()
+    z = [torch.stack(forward_views(model, views[:2], args), 1) for views, _ in augmented_batches(
+        train_set, meta, torch.arange(mine.start, mine.stop).split(256), 2, args.workers, device)]
+    model.train()
+    z = gather_rows(torch.cat(z))  # row i = index i
     batches = torch.empty(len(train_set) // args.batch, args.batch, dtype=torch.long, device=z.device)
     if rank() == 0:
         g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
         batches = torch.stack(spectral_batches(z[:, 0], z[:, 1], args.batch, args.temperature, args.sc_clusters, g))
+        # Cho et al.'s measure: the mean in-batch loss of these batches and of random ones. The
+        # full-batch loss is the same for both, so a higher value is a smaller gap to it.
+        random = torch.randperm(len(z), generator=g)[:batches.numel()].view_as(batches)
+        log_line(args, dict(epoch=epoch + 1, spectral_batch_loss=_batch_loss(z, batches, args.temperature),
+                            random_batch_loss=_batch_loss(z, random, args.temperature)))
     if world() > 1:
         dist.broadcast(batches, 0)
     return batches.cpu()
@@ -720,11 +925,12 @@ def pretrain(args, model, train_set, train_step, buffers=None):
     per_rank = args.batch // world()
     if len(train_set) < args.batch:
         raise BadInput(f"--batch {args.batch} is larger than the {len(train_set)} training images; lower --batch")
-    # drop_last: every index is used at most once per epoch and all ranks take the same
-    # number of equal-size steps (gather_with_grad needs equal sizes).
-    sampler = DistributedSampler(train_set, world(), rank(), shuffle=True, seed=args.seed, drop_last=True)
-    data = loader(train_set, per_rank, args.workers, sampler=sampler, drop_last=True)
-    steps_per_epoch = len(data) if args.batching == "random" else len(train_set) // args.batch
+    meta = base_datasets(args)[2]
+    if not meta["folder"]:  # small sets: the whole uint8 set moves to the device once
+        train_set = TensorDataset(*(t.to(device) for t in train_set.tensors))
+    # Whole global batches only: every index is used at most once per epoch and all ranks
+    # take the same number of equal-size steps (gather_with_grad needs equal sizes).
+    steps_per_epoch = len(train_set) // args.batch
     batches = None  # --batching spectral: this epoch's global batches
     total, warmup = steps_per_epoch * args.epochs, round(steps_per_epoch * args.warmup_epochs)
     opt = LARS(model.parameters(), lr=args.base_lr, weight_decay=args.wd)
@@ -766,30 +972,32 @@ def pretrain(args, model, train_set, train_step, buffers=None):
         net = model
     torch.backends.cudnn.benchmark = True
     if args.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=args.compile)
 
     for epoch in range(start_epoch, args.epochs):
         if args.batching == "spectral":
             if batches is None or epoch % args.sc_every == 0:
                 tick = time.time()
-                batches = spectral_epoch(args, model, train_set, epoch)
+                batches = spectral_epoch(args, model, train_set, meta, epoch)
                 log_line(args, dict(epoch=epoch + 1, spectral_seconds=time.time() - tick))
             # A fresh order of the batches each epoch, the same on every rank (with --sc-every > 1
             # the same batches come back, not in the same order).
-            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-            mine = slice(rank() * per_rank, (rank() + 1) * per_rank)  # this rank's share of each global batch
-            data = DataLoader(train_set, batch_sampler=[row[mine].tolist() for row in batches[order]],
-                              num_workers=args.workers, pin_memory=device.type == "cuda")
+            rows = batches[torch.randperm(len(batches), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))]
+        else:  # a fresh random partition into global batches, the same on every rank
+            perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
+            rows = perm[:steps_per_epoch * args.batch].view(steps_per_epoch, args.batch)
+        rows = rows[:, rank() * per_rank:(rank() + 1) * per_rank]  # this rank's share of each global batch
+        data = augmented_batches(train_set, meta, rows, args.n_views, args.workers, device)
         model.train()
-        sampler.set_epoch(epoch)
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         tick, seen = time.time(), 0
-        with tqdm(data, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank() != 0, dynamic_ncols=True, leave=False) as bar:
-            for i, (views, _, index) in enumerate(bar):
+        with tqdm(data, desc=f"epoch {epoch + 1}/{args.epochs}", total=steps_per_epoch, disable=rank() != 0,
+                  dynamic_ncols=True, leave=False) as bar:
+            for i, (views, index) in enumerate(bar):
                 lr = lr_at(step, total, warmup, args.base_lr)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss = train_step(net, views, index.to(device, non_blocking=True))
+                loss = train_step(net, views, index)
                 loss, extras = loss if isinstance(loss, tuple) else (loss, {})  # extras: scalars to log
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -842,8 +1050,8 @@ def features(args, net, ds):
     was_training = net.training
     net.eval()
     out, labels = [], []
-    for views, y, _ in loader(ds, 256, args.workers, sampler=shard(len(ds))):
-        out.append(torch.stack(forward_views(net, views, args), 1))
+    for views, y, _ in loader(ds, 256, args.workers, sampler=shard(len(ds))):  # views: (B, V, C, H, W)
+        out.append(torch.stack(forward_views(net, views.transpose(0, 1), args), 1))
         labels.append(y)
     net.train(was_training)
     return torch.cat(out), torch.cat(labels).to(out[0].device)
@@ -942,7 +1150,7 @@ def linear_eval(args, backbone, meta):
                 group["lr"] = lr_at(epoch * steps + i, epochs * steps, 0, lr)
             if meta["folder"]:
                 with torch.no_grad():
-                    x = forward_views(backbone, x, args)[0]
+                    x = forward_views(backbone, x.transpose(0, 1), args)[0]
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

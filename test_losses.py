@@ -1,6 +1,8 @@
 """test_losses.py: every loss against a naive loop written from the paper's equation
 (values and input gradients), analytic cases, DDP == single process (2-process gloo),
-SogCLR's u, LARS and the lr schedule. CPU only, float64 where comparisons must be tight."""
+SogCLR's u, LARS and the lr schedule, and the batched augmentation against torchvision
+(the same pixels for the same parameters; the same parameter distributions). CPU only,
+float64 where comparisons must be tight."""
 import json
 import math
 import os
@@ -650,6 +652,35 @@ def test_lars_1d_parameters_get_plain_sgd_momentum():
         assert torch.equal(bias.detach(), bias_ref.detach())  # bit-identical to SGD
 
 
+def test_lars_foreach_equals_per_tensor_loop():
+    """The fused LARS against the per-tensor loop written from the paper, over several steps,
+    with a zero weight and a zero gradient (trust ratio 1) among the tensors."""
+    torch.manual_seed(0)
+    shapes = [(8, 3, 3, 3), (8,), (5, 8), (5,), (4, 4)]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    with torch.no_grad():
+        params[4].zero_()
+    ref = [p.detach().clone() for p in params]
+    mu = [torch.zeros_like(p) for p in params]
+    lars = common.LARS(params, lr=0.3, weight_decay=1e-3, momentum=0.9)
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in params]
+        grads[2] = torch.zeros_like(grads[2]) if step == 1 else grads[2]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        lars.step()
+        for w, g, m in zip(ref, grads, mu):
+            d = g
+            if w.ndim > 1:
+                d = g + 1e-3 * w
+                ok = w.norm() > 0 and d.norm() > 0
+                d = d * (0.001 * w.norm() / d.norm() if ok else 1.0)
+            m.mul_(0.9).add_(d)
+            w.sub_(0.3 * m)
+        for p, w in zip(params, ref):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-12)
+
+
 def test_lr_schedule():
     base, total, warmup = 2.0, 1000, 100
     lrs = [common.lr_at(s, total, warmup, base) for s in range(total)]
@@ -668,3 +699,124 @@ def test_sqrt_and_linear_lr_scaling():
     assert math.isclose(common.scale_lr(A), 0.075 * 16)
     A.lr_scaling = "linear"
     assert math.isclose(common.scale_lr(A), 0.3)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic max |F_a - F_b|."""
+    grid = torch.cat([a, b]).sort().values
+    return float(((torch.searchsorted(a.sort().values, grid, right=True) / len(a))
+                  - (torch.searchsorted(b.sort().values, grid, right=True) / len(b))).abs().max())
+
+
+KS_LIMIT = 1.95 * math.sqrt(2 / 20000)  # the 0.1% critical value for two samples of 20,000
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (375, 500), (100, 400)])
+def test_crop_boxes_match_torchvision_distribution(height, width):
+    """Our vectorised RandomResizedCrop against torchvision's get_params, 20,000 draws each:
+    area fraction, aspect ratio, and position of the box, compared by KS distance. (100 x 400
+    is wider than 4:3, so some draws fall back to the centre crop.)"""
+    import torchvision.transforms as T
+
+    n = 20000
+    torch.manual_seed(0)
+    ours = common.crop_boxes(n, height, width)
+    img = torch.zeros(1, height, width)
+    theirs = torch.tensor([T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], dtype=torch.float)
+    for boxes in (ours, theirs):
+        top, left, h, w = boxes.unbind(1)
+        assert ((top >= 0) & (left >= 0) & (top + h <= height) & (left + w <= width) & (h > 0) & (w > 0)).all()
+    stats = lambda b: [b[:, 2] * b[:, 3] / (height * width), (b[:, 3] / b[:, 2]).log(),
+                       b[:, 0] + b[:, 2] / 2, b[:, 1] + b[:, 3] / 2]  # area, log aspect, centre y, centre x
+    for name, a, b in zip(("area", "aspect", "centre y", "centre x"), stats(ours), stats(theirs)):
+        assert ks_distance(a, b) < KS_LIMIT, name
+
+
+META_RGB = dict(size=96, channels=3, stats=((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)), folder=False)
+
+
+@pytest.mark.parametrize("meta", [META_RGB, dict(META_RGB, size=32)])
+def test_augmentation_parameters_match_torchvision_distribution(meta):
+    """Probabilities (flip 0.5, jitter 0.8, grayscale 0.2, blur 0.5 for photos), jitter
+    factors and blur sigma against torchvision's own samplers (KS distance), and the
+    jitter order: each of the 24 permutations about equally often."""
+    import torchvision.transforms as T
+
+    n, s = 20000, common.recipe(meta)["strength"]
+    torch.manual_seed(0)
+    floats, jitter, _ = common.sample_augmentation(n, meta)
+    order = torch.full((n, 4), -1)
+    for i, idx in enumerate(jitter):
+        order[idx, i // 4] = i % 4
+    jittered = order[:, 0] >= 0
+    for frac, p in ((floats[:, 4].mean(), 0.5), (jittered.float().mean(), 0.8), (floats[:, 5].mean(), 0.2),
+                    ((floats[:, 10] > 0).float().mean(), 0.5 if meta["size"] > 64 else 0.0)):
+        assert abs(float(frac) - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-9
+    assert (order[jittered].sort(1).values == torch.arange(4)).all()  # each operation exactly once
+    codes = (order[jittered] * torch.tensor([64, 16, 4, 1])).sum(1)
+    counts = torch.bincount(codes, minlength=256)[codes.unique()]
+    assert len(counts) == 24 and (counts - len(codes) / 24).abs().max() < 5 * math.sqrt(len(codes) / 24)
+    ranges = [[max(0, 1 - 0.8 * s), 1 + 0.8 * s]] * 3 + [[-0.2 * s, 0.2 * s]]
+    theirs = torch.tensor([T.ColorJitter.get_params(*ranges)[1:] for _ in range(n)])
+    for k in range(4):
+        assert ks_distance(floats[:, 6 + k], theirs[:, k]) < KS_LIMIT, k
+    if meta["size"] > 64:
+        sigma = floats[:, 10][floats[:, 10] > 0]
+        theirs = torch.tensor([T.GaussianBlur.get_params(0.1, 2.0) for _ in range(n)])
+        assert ks_distance(sigma, theirs) < 1.95 * math.sqrt(1 / len(sigma) + 1 / n)
+
+
+@pytest.mark.parametrize("meta", [META_RGB, dict(META_RGB, size=32),
+                                  dict(size=28, channels=1, stats=((0.3,), (0.35,)), folder=False)])
+def test_augment_equals_torchvision_per_image(meta):
+    """For the same parameters, the batched device augmentation gives torchvision's pixels:
+    resized_crop, horizontal_flip, the jitter operations in each sample's order, grayscale,
+    gaussian_blur and normalize, one image at a time on float images."""
+    from torchvision.transforms.v2 import functional as TF
+
+    torch.manual_seed(0)
+    n, size = 48, meta["size"]
+    x = torch.randint(0, 256, (n, meta["channels"], size, size), dtype=torch.uint8)
+    floats, jitter, _ = common.sample_augmentation(n, meta, size, size)
+    out = common.augment(x, floats, jitter, meta, crop=True)
+    ops = [[] for _ in range(n)]
+    for i, idx in enumerate(jitter):
+        for j in idx.tolist():
+            ops[j].append(i % 4)
+    blur = common.recipe(meta)["blur"]
+    for j in range(n):
+        top, left, h, w, flip, gray, b, c, s, hue, sigma = floats[j].tolist()
+        img = TF.resized_crop(x[j].float() / 255, int(top), int(left), int(h), int(w), [size, size], antialias=True)
+        img = TF.horizontal_flip(img) if flip else img
+        for op in ops[j]:
+            img = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[op](img, (b, c, s, hue)[op])
+        img = TF.rgb_to_grayscale(img, 3) if gray else img
+        img = TF.gaussian_blur(img, [blur, blur], [sigma, sigma]) if sigma > 0 else img
+        torch.testing.assert_close(out[j], TF.normalize(img, *meta["stats"]), atol=2e-3, rtol=0)
+    assert sum(map(len, jitter)) > 0 or meta["channels"] == 1
+
+
+def test_worker_crops_match_full_decode(tmp_path):
+    """Crops decodes JPEGs at reduced size (draft) and crops with PIL; against torchvision's
+    resized_crop of the fully decoded image with the same boxes, pixels differ by little."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    torch.manual_seed(0)
+    small = torch.rand(3, 12, 16)
+    photo = torch.nn.functional.interpolate(small[None], size=(750, 1000), mode="bicubic")[0].clamp(0, 1)
+    path = str(tmp_path / "a.jpg")
+    TF.to_pil_image(photo).save(path, quality=90)
+    ds = common.Crops([(path, 3)] * 1, 96, 4)
+    torch.manual_seed(1)
+    crops, label, index = ds[0]
+    assert crops.shape == (4, 3, 96, 96) and crops.dtype == torch.uint8 and (label, index) == (3, 0)
+    torch.manual_seed(1)
+    boxes = common.crop_boxes(4, 750, 1000)
+    full = TF.pil_to_tensor(Image.open(path).convert("RGB")).float()
+    for crop, (t, l, h, w) in zip(crops, boxes.int().tolist()):
+        ref = TF.resized_crop(full, t, l, h, w, [96, 96], antialias=True)
+        assert (crop.float() - ref).abs().mean() < 2.0  # of 255: JPEG's reduced-size decode vs full decode

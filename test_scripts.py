@@ -111,6 +111,24 @@ def test_corrupt_image_is_named(tmp_path, workers):
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
+def test_jpeg_folder_trains_through_worker_crops(tmp_path):
+    """A photo folder goes through Crops in 2 workers (JPEG draft decode, uint8 crops) and the
+    batched augmentation, with 4 views (Poly-View), then the probe on the folder's val/."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for k, cls in enumerate(("a", "b")):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(6):
+                Image.new("RGB", (400, 300), (40 * i, 90 + 100 * k, 30)).save(tmp_path / split / cls / f"{i}.jpg")
+    out = str(tmp_path / "run")
+    p = run("polyview.py", "--data", str(tmp_path), "--arch", "resnet18", "--batch", "6", "--epochs", "1",
+            "--workers", "2", "--lin-epochs", "1", "--lin-batch", "6", "--knn-every", "1", "--out-dir", out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert last_line(p.stdout).startswith("linear top-1:")
+    assert any("knn_top1" in r for r in log_records(out))
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     good = run("simclr.py", *TINY, "--epochs", "1", "--workers", "0", "--knn-every", "0", "--lin-epochs", "1",
@@ -153,6 +171,9 @@ def test_method_trains_resumes_evaluates(tmp_path, script, flags, nproc):
     assert [r["step"] for r in records] == list(range(1, 9))
     if script == "flatnce.py":
         assert all(0 < r["p_pos"] < 1 for r in records)  # p+ of the InfoNCE softmax is logged
+    if "spectral" in flags:  # Cho et al.'s measure is logged at every rebuild, for both kinds of batch
+        hard = [r for r in log_records(out) if "spectral_batch_loss" in r]
+        assert len(hard) == 2 and all(r["random_batch_loss"] > 0 for r in hard)
 
 
 @pytest.mark.parametrize("batching", [[], ["--batching", "spectral", "--sc-every", "2", "--sc-clusters", "2"]])
