@@ -263,8 +263,11 @@ def bench_pipeline(args):
     if args.save_grid:
         mean, std = (torch.tensor(s)[None, :, None, None] for s in meta["stats"])
         views = torch.cat([*next(project(8, torch.arange(8)[None])).cpu(), *torch.stack([theirs[i][0] for i in range(8)], 1)])
-        torchvision.utils.save_image((views * std + mean).clamp(0, 1), args.save_grid, nrow=8, padding=2)
+        views = F.interpolate(views * std + mean, size=min(112, meta["size"]), mode="bilinear", antialias=True)
+        torchvision.utils.save_image(views.clamp(0, 1), args.save_grid, nrow=8, padding=2)
         print(f"wrote {args.save_grid}: 8 images; rows 1-2 their two views from (b), rows 3-4 from (c)")
+        if not args.steps:
+            return
 
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile or ("both" if device.type == "cuda" else "off")]
     results = {}
@@ -382,7 +385,7 @@ def main():
     p.add_argument("--arch", default="resnet50", choices=common.ARCHS)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="pipeline: timed steps (0 with --save-grid: the grid only)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--compile", choices=("off", "on", "both"), default=None, help="default: both on GPU, off on CPU")
     p.add_argument("--save-grid", default=None, help="pipeline: write augmented views of both pipelines to this PNG")

@@ -526,13 +526,14 @@ def to_device(t, device):
 
 def augmented_batches(train_set, meta, rows, n_views, workers, device):
     """Yields (views (n_views, b, C, S, S) float on the device, index (b,) on the device) for
-    each row of `rows`, a (steps, b) tensor of indices into train_set. Small sets: train_set
-    is a TensorDataset whose uint8 images are already on the device; there are no workers.
-    Photo folders: a Crops set read by `workers` DataLoader workers, with its own n_views. The only host-to-device
-    traffic per step is the uint8 crops (folders) and one copy of the parameters, non-blocking;
-    no step waits for the GPU."""
+    each row of `rows`, 1-D tensors of indices into train_set. Small sets: train_set is a
+    TensorDataset whose uint8 images are already on the device; there are no workers. Photo
+    folders: a Crops set (with its own n_views) read by `workers` DataLoader workers. The
+    only host-to-device traffic per step is the uint8 crops (folders) and the parameters,
+    pinned and non-blocking: no step waits for the GPU."""
     if meta["folder"]:
-        source = DataLoader(train_set, batch_sampler=rows.tolist(), num_workers=workers, pin_memory=device.type == "cuda")
+        source = DataLoader(train_set, batch_sampler=[r.tolist() for r in rows], num_workers=workers,
+                            pin_memory=device.type == "cuda")
     else:
         images = train_set.tensors[0]
         source = ((None, None, idx) for idx in rows)

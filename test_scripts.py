@@ -113,7 +113,8 @@ def test_corrupt_image_is_named(tmp_path, workers):
 
 def test_jpeg_folder_trains_through_worker_crops(tmp_path):
     """A photo folder goes through Crops in 2 workers (JPEG draft decode, uint8 crops) and the
-    batched augmentation, with 4 views (Poly-View), then the probe on the folder's val/."""
+    batched augmentation, with 4 views (Poly-View) and spectral batches (whose embedding pass
+    reads the same crops), then the probe on the folder's val/."""
     from PIL import Image
 
     for split in ("train", "val"):
@@ -123,7 +124,8 @@ def test_jpeg_folder_trains_through_worker_crops(tmp_path):
                 Image.new("RGB", (400, 300), (40 * i, 90 + 100 * k, 30)).save(tmp_path / split / cls / f"{i}.jpg")
     out = str(tmp_path / "run")
     p = run("polyview.py", "--data", str(tmp_path), "--arch", "resnet18", "--batch", "6", "--epochs", "1",
-            "--workers", "2", "--lin-epochs", "1", "--lin-batch", "6", "--knn-every", "1", "--out-dir", out)
+            "--workers", "2", "--lin-epochs", "1", "--lin-batch", "6", "--knn-every", "1", "--out-dir", out,
+            "--batching", "spectral", "--sc-clusters", "2")
     assert p.returncode == 0, p.stderr[-2000:]
     assert last_line(p.stdout).startswith("linear top-1:")
     assert any("knn_top1" in r for r in log_records(out))
