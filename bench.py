@@ -339,16 +339,20 @@ def bench_reproduce(args):
                     with open(log, "a") as f:
                         f.write(json.dumps(records[-1]) + "\n")
                 get = lambda key: [r[key] for r in records if key in r][-1]
-                cell.append(dict(lin=get("linear_top1"), knn=get("knn_top1"), wall=get("wall_seconds")))
+                sc = [(r["spectral_batch_loss"], r["random_batch_loss"]) for r in records if "spectral_batch_loss" in r]
+                cell.append(dict(lin=get("linear_top1"), knn=get("knn_top1"), wall=get("wall_seconds"), sc=sc[-1] if sc else None))
             if cell:
                 rows.append(dict(method=name, batch=batch, cell=cell))
     if args.dry_run:
         return
     ms = lambda xs: f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
-    print("| method | batch | linear top-1 | kNN top-1 | seeds | minutes per run |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| method | batch | linear top-1 | kNN top-1 | seeds | minutes per run | in-batch loss, last rebuild: spectral / random |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
+        sc = [c["sc"] for c in r["cell"] if c["sc"]]
         print(f"| {r['method']} | {r['batch']} | {ms([c['lin'] for c in r['cell']])} | {ms([c['knn'] for c in r['cell']])} "
-              f"| {len(r['cell'])} | {statistics.mean(c['wall'] for c in r['cell']) / 60:.1f} |")
+              f"| {len(r['cell'])} | {statistics.mean(c['wall'] for c in r['cell']) / 60:.1f} | "
+              + (f"{ms([s for s, _ in sc])} / {ms([q for _, q in sc])}" if sc else "") + " |")
     if args.plot:
         import matplotlib
 

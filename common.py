@@ -352,7 +352,7 @@ def subset(ds, n, seed):
 # batched bilinear resample. Everything else (flip, colour jitter in a random order per
 # sample, grayscale, blur, normalisation) runs in `augment` on the device, in batches. All
 # random parameters come from torch's CPU RNG, which the checkpoint saves, so resumes are
-# exact; they are drawn exactly as torchvision draws them (tested in test_losses.py).
+# exact; they follow torchvision's distributions (tested against its samplers in test_losses.py).
 # Deviations from torchvision's per-image pipeline: colour operations run on floats
 # (torchvision rounds uint8 images to integers after each one); no solarize (SimCLR has none).
 
