@@ -423,7 +423,7 @@ def _hue(x, shift):
     d = torch.where(delta > 0, delta, 1)
     h = torch.where(v == r, (g - b) / d, torch.where(v == g, (b - r) / d + 2, (r - g) / d + 4))
     h = (h / 6 + shift[:, None, None]) % 1
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + 6 * h[:, None]) % 6
+    k = (torch.arange(5.0, 0.0, -2.0, device=x.device)[None, :, None, None] + 6 * h[:, None]) % 6  # made on the device: no copy
     return v[:, None] - delta[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -469,8 +469,13 @@ def augment(x, floats, jitter, meta, crop):
         y = F.pad(x, [k // 2] * 4, mode="reflect").view(1, -1, size + k - 1, size + k - 1)
         y = F.conv2d(F.conv2d(y, kern[..., None, :], groups=len(kern)), kern[..., None], groups=len(kern))
         x = y.view(x.shape)
-    mean, std = (torch.tensor(s, device=x.device)[None, :, None, None] for s in meta["stats"])
+    mean, std = _normalisation(tuple(map(tuple, meta["stats"])), x.device)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+@functools.lru_cache(maxsize=8)  # a host-to-device copy from pageable memory waits for the GPU: make them once
+def _normalisation(stats, device):
+    return tuple(torch.tensor(s, device=device)[None, :, None, None] for s in stats)
 
 
 class Crops(Dataset):
