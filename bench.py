@@ -182,7 +182,8 @@ def bench_spectral_toy(args):
 def torchvision_transform(meta):
     """The baseline: SimCLR's recipe as torchvision composes it, one image at a time on the CPU
     (PIL operations for photos, uint8 tensor operations for the small sets)."""
-    rec, s = common.recipe(meta), common.recipe(meta)["strength"]
+    rec = common.recipe(meta)
+    s = rec["strength"]
     ops = [T.RandomResizedCrop(meta["size"], scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip()]
     if rec["colour"]:
         ops += [T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), T.RandomGrayscale(p=0.2)]

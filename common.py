@@ -394,7 +394,8 @@ def sample_augmentation(n, meta, height=None, width=None):
     flip, grayscale, brightness, contrast, saturation and hue factors, blur sigma (0: no blur).
     jitter holds 16 index lists, one per (position, operation) of the colour jitter, whose
     order is a uniform random permutation per sample, applied with p 0.8; lengths their sizes."""
-    rec, s = recipe(meta), recipe(meta)["strength"]
+    rec = recipe(meta)
+    s = rec["strength"]
     box = crop_boxes(n, height, width) if height else torch.zeros(n, 4)
     flip = (torch.rand(n) < 0.5).float()
     factors = torch.stack([torch.empty(n).uniform_(max(0, 1 - 0.8 * s), 1 + 0.8 * s) for _ in range(3)]
