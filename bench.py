@@ -53,7 +53,6 @@ import resource
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +61,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchvision.transforms import v2 as T
 
 import common
-from simclr import info_nce_loss
+from simclr import LARS, info_nce_loss
 
 
 def _rss():
@@ -242,8 +241,8 @@ def bench_pipeline(args):
         train = torchvision.datasets.ImageFolder(os.path.join(root, "train"), loader=common.load_image)
         meta = dict(size=224, channels=3, classes=len(train.classes), stats=common.IMAGENET_STATS, folder=True)
     else:
-        train, _, meta = common._base_datasets(root, "./data")
-    opts = SimpleNamespace(arch=args.arch, bf16=device.type == "cuda")
+        train, _, meta = common.base_datasets(root, "./data")
+    bf16 = device.type == "cuda"
     total = args.warmup + args.steps
     print(f"{device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
           f"torch {torch.__version__}; {args.arch}, batch {args.batch}, 2 views, {args.workers} workers, "
@@ -274,12 +273,12 @@ def bench_pipeline(args):
     results = {}
     for compiled in compiles:
         torch.manual_seed(0)
-        model = common.make_model(opts, meta, device)
-        opt = common.LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
+        model = common.make_model(args.arch, meta["size"], meta["channels"], device)
+        opt = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
         net = torch.compile(model) if compiled else model
 
         def step(views):
-            z1, z2 = common.forward_views(net, views, opts)
+            z1, z2 = common.forward_views(net, views, bf16)
             loss = info_nce_loss(z1, z2, 0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()

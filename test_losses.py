@@ -21,6 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 from dcl import dcl_loss
 from flatnce import flatnce_loss
 from polyview import OBJECTIVES, polyview_loss
+import simclr  # LARS and the schedule: simclr.py's copies are the same in every method file
 from simclr import info_nce_loss
 from sogclr import SogCLRLoss
 
@@ -632,7 +633,7 @@ def test_lars_1d_parameters_get_plain_sgd_momentum():
     torch.manual_seed(0)
     weight, bias = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4))
     bias_ref = torch.nn.Parameter(bias.detach().clone())
-    lars = common.LARS([weight, bias], lr=0.5, weight_decay=0.1, momentum=0.9)
+    lars = simclr.LARS([weight, bias], lr=0.5, weight_decay=0.1, momentum=0.9)
     sgd = torch.optim.SGD([bias_ref], lr=0.5, momentum=0.9)
     w0 = weight.detach().clone()
     for step in range(4):
@@ -662,7 +663,7 @@ def test_lars_foreach_equals_per_tensor_loop():
         params[4].zero_()
     ref = [p.detach().clone() for p in params]
     mu = [torch.zeros_like(p) for p in params]
-    lars = common.LARS(params, lr=0.3, weight_decay=1e-3, momentum=0.9)
+    lars = simclr.LARS(params, lr=0.3, weight_decay=1e-3, momentum=0.9)
     for step in range(5):
         grads = [torch.randn_like(p) for p in params]
         grads[2] = torch.zeros_like(grads[2]) if step == 1 else grads[2]
@@ -683,22 +684,19 @@ def test_lars_foreach_equals_per_tensor_loop():
 
 def test_lr_schedule():
     base, total, warmup = 2.0, 1000, 100
-    lrs = [common.lr_at(s, total, warmup, base) for s in range(total)]
+    lrs = [simclr.lr_at(s, total, warmup, base) for s in range(total)]
     assert lrs[0] == base / warmup
     assert lrs[warmup - 1] == base and lrs[warmup] == base  # end of warmup: the peak
     assert 0 < lrs[-1] < base * (math.pi / (total - warmup)) ** 2  # last step: nearly zero
     assert all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
-    assert common.lr_at(0, 10, 0, base) == base  # no warmup: start at the peak
+    assert simclr.lr_at(0, 10, 0, base) == base  # no warmup: start at the peak
 
 
 def test_sqrt_and_linear_lr_scaling():
-    class A:
-        lr, batch = None, 256
-    A.lr_scaling = "sqrt"
-    assert math.isclose(common.scale_lr(A), 0.075 * 16)
-    A.lr_scaling = "linear"
-    assert math.isclose(common.scale_lr(A), 0.3)
+    assert math.isclose(simclr.scale_lr(None, "sqrt", 256), 0.075 * 16)
+    assert math.isclose(simclr.scale_lr(None, "linear", 256), 0.3)
+    assert math.isclose(simclr.scale_lr(0.5, "linear", 512), 1.0)  # --lr overrides the factor
 
 
 # ----------------------------------------------------------------------------- augmentation

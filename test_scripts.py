@@ -1,12 +1,18 @@
 """test_scripts.py: end to end on tiny data, on CPU. Every script trains, checkpoints,
 resumes from the saved step, evaluates and prints `linear top-1: XX.XX%` last; bad input
-ends with one clear line and no traceback; a NaN loss leaves the last checkpoint intact."""
+ends with one clear line and no traceback; a NaN loss leaves the last checkpoint intact.
+The copied sections of the method files are still copies of simclr.py's.
+
+    python test_scripts.py --fix-copies   # re-sync every method file's copied sections from simclr.py
+"""
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -16,11 +22,39 @@ TINY = ["--data", "synthetic", "--arch", "resnet18", "--batch", "64", "--warmup-
         "--knn-every", "1", "--lin-epochs", "15", "--lin-batch", "64", "--log-every", "2"]
 
 
-def run(script, *args, nproc=1, env=None, timeout=600):
+METHODS = ("sogclr.py", "dcl.py", "flatnce.py", "polyview.py")
+COPY = re.compile(r'^# --- copied section "([^"]+)": .*?---\n(.*?)^# --- end of copied section "\1" ---\n', re.M | re.S)
+
+
+def copied_sections(text):
+    """{name: body} of every copied section, in order (Transformers' `# Copied from`, by block)."""
+    return {m.group(1): m.group(2) for m in COPY.finditer(text)}
+
+
+def fix_copies():
+    """Overwrite every method file's copied sections with simclr.py's."""
+    reference = open(os.path.join(HERE, "simclr.py")).read()
+    originals = copied_sections(reference)
+    for name in METHODS:
+        path = os.path.join(HERE, name)
+        text = open(path).read()
+        missing = set(originals) - set(copied_sections(text))
+        if missing:
+            sys.exit(f"{name} has no copied section {', '.join(sorted(missing))}: add its markers by hand first")
+        fixed = COPY.sub(lambda m: m.group(0).replace(m.group(2), originals[m.group(1)], 1), text)
+        if fixed != text:
+            open(path, "w").write(fixed)
+            print(f"re-synced {name}")
+
+
+def command(script, *args, nproc=1, env=None):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
     env = dict(os.environ, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {}))
-    return subprocess.run(cmd + [os.path.join(HERE, script)] + list(args), capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=HERE, stdin=subprocess.DEVNULL)
+    return dict(args=cmd + [os.path.join(HERE, script)] + list(args), env=env, cwd=HERE, stdin=subprocess.DEVNULL)
+
+
+def run(script, *args, nproc=1, env=None, timeout=600):
+    return subprocess.run(**command(script, *args, nproc=nproc, env=env), capture_output=True, text=True, timeout=timeout)
 
 
 def last_line(out):
@@ -39,6 +73,45 @@ def assert_one_clear_line(p, *needles):
     assert line.startswith("error: "), p.stderr
     for needle in needles:
         assert needle in line, line
+
+
+# ----------------------------------------------------------------------------- copies
+
+
+def copy_errors(name, text, reference):
+    """What is wrong with the copied sections of `name` (its `text`) against simclr.py's."""
+    originals, copies = copied_sections(reference), copied_sections(text)
+    first_line = {m.group(1): text[:m.start(2)].count("\n") + 1 for m in COPY.finditer(text)}
+    errors = [f"{name}: copied section {section!r} is missing" for section in originals if section not in copies]
+    for section in set(originals) & set(copies):
+        a, b = originals[section].splitlines() + [""], copies[section].splitlines() + [""]
+        diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if diff is not None or len(a) != len(b):
+            i = min(len(a), len(b)) - 1 if diff is None else diff
+            errors.append(f"{name}:{first_line[section] + i}: copied section {section!r} differs from simclr.py's: "
+                          f"simclr.py has {a[i]!r}, {name} {b[i]!r}; edit simclr.py, then `python test_scripts.py --fix-copies`")
+    return errors
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_copied_sections_equal_simclr(name):
+    """Every section marked as copied is, character for character, simclr.py's."""
+    reference = open(os.path.join(HERE, "simclr.py")).read()
+    assert list(copied_sections(reference)) == ["imports", "arguments", "setup", "training loop", "evaluation", "main"]
+    errors = copy_errors(name, open(os.path.join(HERE, name)).read(), reference)
+    assert not errors, "\n".join(errors)
+
+
+def test_copy_check_names_file_and_section_of_one_changed_character():
+    reference, text = (open(os.path.join(HERE, n)).read() for n in ("simclr.py", "dcl.py"))
+    body = copied_sections(text)["training loop"]
+    changed = text.replace(body, body.replace("step + 1", "step + 2", 1), 1)
+    errors = copy_errors("dcl.py", changed, reference)
+    line = changed[:changed.index("step + 2")].count("\n") + 1
+    assert len(errors) == 1 and errors[0].startswith(f"dcl.py:{line}: copied section 'training loop' differs"), errors
+    assert "step + 2" in errors[0]
+    assert copy_errors("dcl.py", text.replace(copied_sections(text)["main"], ""), reference)  # an emptied section
+    assert copy_errors("dcl.py", text.replace('copied section "setup"', 'section "setup"'), reference)  # a lost marker
 
 
 # ----------------------------------------------------------------------------- train, resume, evaluate
@@ -203,6 +276,33 @@ def test_sogclr_resume_is_exact(tmp_path, batching):
         assert len(a["batches"].flatten().unique()) == 128
 
 
+def test_kill_9_mid_epoch_resumes_bit_identical(tmp_path):
+    """SIGKILL in the middle of epoch 2, then the same command again: the run restarts from the
+    epoch-1 checkpoint and ends bit-identical (weights, optimizer, u) to an uninterrupted run."""
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    flags = [*SMALL, "--epochs", "2", "--warmup-epochs", "1"]
+    assert run("sogclr.py", *flags, "--out-dir", straight).returncode == 0
+    proc = subprocess.Popen(**command("sogclr.py", *flags, "--out-dir", killed), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log, deadline = os.path.join(killed, "log.jsonl"), time.time() + 600
+    while proc.poll() is None and time.time() < deadline:  # kill once a step of epoch 2 is logged
+        if os.path.exists(log) and '{"epoch": 2, "step"' in open(log).read():  # a line may be half written
+            proc.kill()
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed in epoch 2"
+    assert torch.load(os.path.join(killed, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+    assert max(r["step"] for r in log_records(killed) if "step" in r) < 8  # it died inside epoch 2
+    again = run("sogclr.py", *flags, "--out-dir", killed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from epoch 1 (step 4)" in again.stdout
+    a, b = (torch.load(os.path.join(o, "checkpoint.pt"), weights_only=True) for o in (straight, killed))
+    assert a["step"] == b["step"] == 8 and torch.equal(a["buffers"]["u"], b["buffers"]["u"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["mu"], b["optimizer"]["state"][k]["mu"]), k
+
+
 @pytest.mark.parametrize("script,flag,value", [("dcl.py", "--dcl-sigma", "0"), ("sogclr.py", "--sogclr-gamma", "1.5"),
                                                ("polyview.py", "--pv-views", "1")])
 def test_method_flags_are_checked(tmp_path, script, flag, value):
@@ -233,11 +333,9 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="Debian's dataset-fashion-mnist is not installed (see README)")
 def test_fashion_mnist_offline_end_to_end(tmp_path):
-    import argparse
-
     import common
 
-    train, val, meta = common.base_datasets(argparse.Namespace(data="fashion-mnist", data_root=str(tmp_path)))
+    train, val, meta = common.base_datasets("fashion-mnist", str(tmp_path))
     assert (len(train), len(val)) == (60000, 10000)
     assert meta == dict(size=28, channels=1, classes=10, stats=((0.286,), (0.353,)), folder=False)
     assert torch.bincount(train.tensors[1]).tolist() == [6000] * 10  # the published class balance
@@ -249,3 +347,9 @@ def test_fashion_mnist_offline_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(p.stdout))
     assert log_records(out)[-1]["linear_top1"] > 30  # well above chance (10%) over all 10,000 test images
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--fix-copies"]:
+        sys.exit("usage: python test_scripts.py --fix-copies   (the tests run with python -m pytest)")
+    fix_copies()
