@@ -242,7 +242,7 @@ def bench_pipeline(args):
         meta = dict(size=224, channels=3, classes=len(train.classes), stats=common.IMAGENET_STATS, folder=True)
     else:
         train, _, meta = common.base_datasets(root, "./data")
-    bf16 = device.type == "cuda"
+    precision = "bf16" if device.type == "cuda" else "fp32"
     total = args.warmup + args.steps
     print(f"{device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
           f"torch {torch.__version__}; {args.arch}, batch {args.batch}, 2 views, {args.workers} workers, "
@@ -278,7 +278,7 @@ def bench_pipeline(args):
         net = torch.compile(model) if compiled else model
 
         def step(views):
-            z1, z2 = common.forward_views(net, views, bf16)
+            z1, z2 = common.forward_views(net, views, precision)
             loss = info_nce_loss(z1, z2, 0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -509,12 +509,12 @@ def make_model(arch, size, channels, device):
     return model.to(device, memory_format=torch.channels_last)
 
 
-def forward_views(net, views, bf16):
-    """All views (V, B, C, H, W) in one pass, channels_last, bf16 autocast if `bf16`: one fp32 (B, dim)
-    tensor per view. The loss runs outside autocast, so the similarity maths is fp32."""
-    device = next(net.parameters()).device
+def forward_views(net, views, precision="fp32"):
+    """All views (V, B, C, H, W) in one pass, channels_last, under autocast for precision bf16 or fp16: an
+    fp32 (B, dim) tensor per view. The loss runs outside autocast, so the similarity maths is fp32."""
+    device, dtype = next(net.parameters()).device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     x = views.flatten(0, 1).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         z = net(x)
     return z.float().chunk(len(views))
 

@@ -96,7 +96,8 @@ def get_parser():
                    help="loss similarity tiles of N x N (0: dense; default: dense up to 2^26 logits, else 4096)")
     # system
     p.add_argument("--out-dir", default="./runs/default", help="checkpoint, log and weights; resumes if it holds a checkpoint")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="forward autocast; auto: bf16 on GPUs with it, else fp16 with a GradScaler; fp32 on CPU")
     p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile the model; reduce-overhead adds CUDA graphs (small batches: launches dominate)")
     p.add_argument("--seed", type=int, default=0)
@@ -148,21 +149,23 @@ def get_args():
 
 
 def setup(args):
-    """Join the torchrun job if there is one (WORLD_SIZE > 1), else run as one process: nccl on
-    GPUs, gloo on the CPU. bf16 autocast on GPUs unless --precision fp32. Returns the device."""
+    """Join the torchrun job if there is one (WORLD_SIZE > 1), else run as one process: nccl on GPUs, gloo
+    on the CPU. Resolves --precision auto (as nanoGPT: bf16 where the GPU has it, else fp16; fp32 on the
+    CPU) and the lr. Returns this rank's device."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
-    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
+    if args.precision == "auto":
+        args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     args.base_lr = scale_lr(args.lr, args.lr_scaling, args.batch)
     torch.manual_seed(args.seed + rank())
     if rank() == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         print(f"{world()} process(es) on {device.type}; global batch {args.batch} ({args.batch // world()} per process); "
-              f"lr {args.base_lr:.4g} ({args.lr_scaling} scaling)", flush=True)
+              f"lr {args.base_lr:.4g} ({args.lr_scaling} scaling); {args.precision}", flush=True)
     return device
 
 
@@ -224,7 +227,7 @@ def make_state(args, num_samples, device):
 def train_step(net, views, index, state, args):
     """The loss of one step on this rank's views (2, B, C, H, W) of images `index`, and the
     scalars to log besides it: p+, the InfoNCE softmax probability of the positive."""
-    z1, z2 = common.forward_views(net, views, args.bf16)  # bf16 forward, fp32 outputs
+    z1, z2 = common.forward_views(net, views, args.precision)  # autocast forward, fp32 outputs
     loss, p_pos = flatnce_loss(z1, z2, args.temperature, args.chunk_size, with_p_pos=True)
     return loss, {"p_pos": p_pos}
 
@@ -258,9 +261,11 @@ def log_line(out_dir, record):
             f.write(json.dumps(record) + "\n")
 
 
-def resume(path, model, opt, state, steps_per_epoch, device):
-    """Load the rolling checkpoint if there is one; returns (epoch to start at, saved spectral
-    batches or None). Every rank reads the same file, so it must be on a shared file system."""
+def resume(path, model, opt, scaler, state, steps_per_epoch, args):
+    """Load the rolling checkpoint if there is one; returns (epoch to start at, saved spectral batches or
+    None). Every rank reads the same file, so it must be on a shared file system. A checkpoint that this
+    run cannot continue ends it with one line naming the cause; the file is never touched."""
+    device = next(model.parameters()).device
     found = torch.tensor([os.path.exists(path)], dtype=torch.float32, device=device)
     if world() > 1:
         dist.all_reduce(found)
@@ -268,15 +273,34 @@ def resume(path, model, opt, state, steps_per_epoch, device):
         raise BadInput(f"only some processes see {path}; --out-dir must be on a file system shared by all nodes")
     if not found.item():
         return 0, None
-    try:
+    fix = "move it away to start afresh, or use another --out-dir"
+    try:  # torch.load's own message for a cut-off file ("Weights only load failed...") hides the cause
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"checkpoint {path} is damaged or truncated ({type(e).__name__}); {fix}") from None
+    saved, this = ckpt.get("args") or {}, os.path.basename(__file__)
+    other = sorted((set(saved) ^ set(vars(args))) - {"bf16"})  # flags that only one of the two scripts has
+    if ckpt.get("script", this) != this or other:
+        flags = ", ".join("--" + f.replace("_", "-") for f in other)
+        writer = ckpt.get("script") or f"another method script (flags {flags})"
+        raise BadInput(f"checkpoint {path} was written by {writer}, this is {this}; {fix}")
+    for flag in ("arch", "batch", "subset", "pv_views", "data"):  # what makes a checkpoint unusable; --epochs may change
+        now, then = getattr(args, flag, None), saved.get(flag)
+        moved = flag == "data" and now not in common.NAMED and then not in common.NAMED  # a folder may move
+        if then is not None and now != then and not moved:
+            name = "--" + flag.replace("_", "-")
+            raise BadInput(f"checkpoint {path} was made with {name} {then}, this run has {name} {now}; "
+                           f"use {name} {then} to continue it, or another --out-dir")
+    try:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         if state is not None:
             state.load_state_dict(ckpt["buffers"])
     except Exception as e:
-        raise BadInput(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                       f"move it away to start afresh, or use another --out-dir") from None
+        raise BadInput(f"checkpoint {path} does not fit this model ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                       f"{fix}") from None
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     if ckpt["step"] != ckpt["epoch"] * steps_per_epoch:
         raise BadInput(f"checkpoint {path} was made with {ckpt['step'] // max(1, ckpt['epoch'])} steps per epoch, "
                        f"this run has {steps_per_epoch}; use the same --batch and data, or another --out-dir")
@@ -303,8 +327,11 @@ def pretrain(args, model, train_set, meta, state):
     steps_per_epoch = len(train_set) // args.batch
     total, warmup = steps_per_epoch * args.epochs, round(steps_per_epoch * args.warmup_epochs)
     opt = LARS(model.parameters(), lr=args.base_lr, weight_decay=args.wd)
+    # fp16 only: the loss is scaled so that small gradients survive fp16, and a step whose gradients
+    # overflowed is skipped; the schedule moves on by one step all the same, as an uninterrupted run's.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     path = os.path.join(args.out_dir, "checkpoint.pt")
-    start_epoch, batches = resume(path, model, opt, state, steps_per_epoch, device)
+    start_epoch, batches = resume(path, model, opt, scaler, state, steps_per_epoch, args)
     if batches is not None and (batches.shape != (steps_per_epoch, args.batch) or batches.max() >= len(train_set)):
         batches = None  # spectral batches made for other data or another batch size: rebuild
     step = start_epoch * steps_per_epoch
@@ -339,8 +366,9 @@ def pretrain(args, model, train_set, meta, state):
                     group["lr"] = lr
                 loss, extras = train_step(net, views, index, state, args)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)  # fp16: unscales the gradients, skips the step if one overflowed
+                scaler.update()
                 step, seen = step + 1, seen + args.batch
                 nonfinite |= ~torch.isfinite(loss.detach())  # no host sync: checked at log steps
                 if step % args.log_every == 0 or i == steps_per_epoch - 1:
@@ -367,9 +395,9 @@ def pretrain(args, model, train_set, meta, state):
             log_line(args.out_dir, dict(epoch=epoch + 1, knn_top1=acc))
             if rank() == 0:
                 print(f"epoch {epoch + 1}: kNN top-1 {acc:.2f}%", flush=True)
-        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, epoch=epoch + 1,
-                    buffers=state.state_dict() if state is not None else None, rng=rng_states(), args=vars(args),
-                    batches=batches)
+        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
+                    epoch=epoch + 1, buffers=state.state_dict() if state is not None else None, rng=rng_states(),
+                    args=vars(args), batches=batches, script=os.path.basename(__file__))
         if rank() == 0:
             save_checkpoint(path, ckpt)
             print(f"epoch {epoch + 1}/{args.epochs} done: step {step}, loss {value:.4f}", flush=True)
@@ -386,7 +414,7 @@ def spectral_epoch(model, train_set, meta, epoch, args):
     is the same for both, so a higher value is a smaller gap to it). A (batches, B) tensor on the CPU."""
     tick, device, mine = time.time(), next(model.parameters()).device, common.shard(len(train_set))
     model.eval()
-    z = [torch.stack(common.forward_views(model, views[:2], args.bf16), 1) for views, _ in common.augmented_batches(
+    z = [torch.stack(common.forward_views(model, views[:2], args.precision), 1) for views, _ in common.augmented_batches(
         train_set, meta, torch.arange(mine.start, mine.stop).split(256), 2, args.workers, device)]
     model.train()
     z = common.gather_rows(torch.cat(z))  # (N, 2, 128), row i = index i
@@ -427,14 +455,14 @@ def loader(ds, batch, workers, sampler=None, drop_last=False):
 
 
 @torch.no_grad()
-def features(net, ds, workers, bf16):
+def features(net, ds, workers, precision):
     """net's fp32 outputs (n, views, dim) and the labels for this rank's shard of `ds` (contiguous: after
     gather_rows row i is index i), in eval mode: BN uses, never updates, its running statistics."""
     was_training = net.training
     net.eval()
     out, labels = [], []
     for views, y, _ in loader(ds, 256, workers, sampler=common.shard(len(ds))):  # views: (B, V, C, H, W)
-        out.append(torch.stack(common.forward_views(net, views.transpose(0, 1), bf16), 1))
+        out.append(torch.stack(common.forward_views(net, views.transpose(0, 1), precision), 1))
         labels.append(y)
     net.train(was_training)
     return torch.cat(out), torch.cat(labels).to(out[0].device)
@@ -445,10 +473,11 @@ def knn_monitor(backbone, args, k=200, temperature=0.1):
     training set, top-k neighbours vote with weight exp(sim / T). Top-1 in %."""
     train, val, meta = common.base_datasets(args.data, args.data_root)
     plain = common.eval_transform(meta)
-    bank, bank_y = features(backbone, common.Views(common.subset(train, args.subset, args.seed), plain, 1), args.workers, args.bf16)
+    bank_set = common.Views(common.subset(train, args.subset, args.seed), plain, 1)
+    bank, bank_y = features(backbone, bank_set, args.workers, args.precision)
     half = torch.float16 if bank.is_cuda else torch.float32  # a 1.28M x 2048 bank: 5 GB in fp16 on every GPU
     bank, bank_y = common.gather_rows(F.normalize(bank[:, 0], dim=1).to(half)), common.gather_rows(bank_y)
-    q, qy = features(backbone, common.Views(val, plain, 1), args.workers, args.bf16)
+    q, qy = features(backbone, common.Views(val, plain, 1), args.workers, args.precision)
     q = F.normalize(q[:, 0], dim=1).to(bank.dtype)
     correct = torch.zeros((), device=q.device)
     for s in range(0, len(q), 256):
@@ -497,7 +526,7 @@ def linear_eval(args, backbone, meta):
         model = DistributedDataParallel(head) if world() > 1 else head
         steps = len(data)
     else:
-        x_train, y_train = features(backbone, common.Views(train, plain, 1), args.workers, args.bf16)
+        x_train, y_train = features(backbone, common.Views(train, plain, 1), args.workers, args.precision)
         x_train, y_train = common.gather_rows(x_train[:, 0]), common.gather_rows(y_train)
         model = head  # every rank trains the same head on the same cached features
         steps = len(x_train) // batch
@@ -517,7 +546,7 @@ def linear_eval(args, backbone, meta):
                 group["lr"] = lr_at(epoch * steps + i, epochs * steps, 0, lr)
             if meta["folder"]:
                 with torch.no_grad():
-                    x = common.forward_views(backbone, x.transpose(0, 1), args.bf16)[0]
+                    x = common.forward_views(backbone, x.transpose(0, 1), args.precision)[0]
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -527,7 +556,7 @@ def linear_eval(args, backbone, meta):
             for k, v in backbone.state_dict().items():
                 if not torch.equal(v, frozen[k]):
                     raise RuntimeError(f"linear protocol violated: backbone tensor {k} changed during the probe")
-    x_val, y_val = features(backbone, common.Views(val, plain, 1), args.workers, args.bf16)
+    x_val, y_val = features(backbone, common.Views(val, plain, 1), args.workers, args.precision)
     with torch.no_grad():
         correct = (head(x_val[:, 0]).argmax(1) == y_val).sum()
     acc = top1_over_ranks(correct, len(x_val), len(val))

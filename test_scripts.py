@@ -303,6 +303,61 @@ def test_kill_9_mid_epoch_resumes_bit_identical(tmp_path):
         assert torch.equal(v["mu"], b["optimizer"]["state"][k]["mu"]), k
 
 
+def test_fp16_with_grad_scaler_checkpoints_and_resumes_exactly(tmp_path):
+    """--precision fp16 on the CPU (autocast + GradScaler): the scaler state is in the checkpoint, and
+    one epoch plus a resumed one ends bit-identical, scaler included, to two epochs in one go."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    flags = [*SMALL, "--precision", "fp16", "--warmup-epochs", "1", "--lin-epochs", "1"]
+    for out, epochs in ((straight, ["2"]), (split, ["1", "2"])):
+        for e in epochs:
+            p = run("simclr.py", *flags, "--epochs", e, "--out-dir", out)
+            assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from epoch 1 (step 4)" in p.stdout and "fp16" in p.stdout
+    a, b = (torch.load(os.path.join(o, "checkpoint.pt"), weights_only=True) for o in (straight, split))
+    assert a["scaler"] and a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
+    assert a["args"]["precision"] == "fp16" and a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert all(torch.isfinite(v).all() for v in a["model"].values())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One epoch of simclr.py and of polyview.py on SMALL: checkpoints for the resume-error tests."""
+    made = {}
+    for script, extra in (("simclr.py", []), ("polyview.py", ["--pv-views", "3"])):
+        out = str(tmp_path_factory.mktemp(script.split(".")[0]))
+        p = run(script, *SMALL, *extra, "--epochs", "1", "--lin-epochs", "1", "--out-dir", out)
+        assert p.returncode == 0, p.stderr[-3000:]
+        made[script] = os.path.join(out, "checkpoint.pt")
+    return made
+
+
+@pytest.mark.parametrize("writer,script,change,needles", [
+    ("simclr.py", "simclr.py", "truncate", ["damaged or truncated", "move it away"]),
+    ("simclr.py", "sogclr.py", [], ["written by simclr.py", "this is sogclr.py"]),
+    ("simclr.py", "simclr.py", ["--arch", "resnet34"], ["--arch resnet18", "--arch resnet34"]),
+    ("simclr.py", "simclr.py", ["--batch", "16"], ["--batch 32", "--batch 16"]),
+    ("simclr.py", "simclr.py", ["--subset", "96"], ["--subset 128", "--subset 96"]),
+    ("polyview.py", "polyview.py", ["--pv-views", "2"], ["--pv-views 3", "--pv-views 2"])])
+def test_resume_errors_name_the_cause(tmp_path, checkpoints, writer, script, change, needles):
+    """A checkpoint that the run cannot continue ends it with one line naming the cause (a damaged file,
+    the script that wrote it, the flag and both values); the checkpoint is not touched."""
+    out = tmp_path / "run"
+    out.mkdir()
+    path = out / "checkpoint.pt"
+    data = open(checkpoints[writer], "rb").read()
+    path.write_bytes(data[: len(data) // 2] if change == "truncate" else data)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    flags = list(SMALL) + (["--pv-views", "3"] if writer == "polyview.py" else [])
+    for flag, value in zip(change[::2], change[1::2]) if change != "truncate" else []:
+        i = flags.index(flag) if flag in flags else None
+        flags = flags[:i] + [flag, value] + flags[i + 2:] if i is not None else flags + [flag, value]
+    p = run(script, *flags, "--epochs", "2", "--out-dir", str(out))
+    assert_one_clear_line(p, str(path), *needles)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before and not os.path.exists(str(path) + ".tmp")
+
+
 @pytest.mark.parametrize("script,flag,value", [("dcl.py", "--dcl-sigma", "0"), ("sogclr.py", "--sogclr-gamma", "1.5"),
                                                ("polyview.py", "--pv-views", "1")])
 def test_method_flags_are_checked(tmp_path, script, flag, value):
