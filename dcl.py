@@ -12,12 +12,9 @@ positive term by how hard the pair is (von Mises-Fisher weighting). Defaults: T 
 --dcl-sigma off (DCL), 0.5 when given as in the paper. Everything else follows simclr.py
 (ResNet-50, LARS, lr 0.075 x sqrt(B), wd 1e-6, 10 warmup epochs, 100 epochs, batch 256).
 
-This file is the whole method, top to bottom: loss, arguments, setup (distributed, lr, LARS),
-train step, training loop (checkpoints, resume, log, spectral batches), evaluation (kNN
-monitor, linear probe), main. common.py holds only data, backbone and similarity code. The
-sections marked "copied section" are simclr.py's, character for character (README: How the
-code is laid out): `diff simclr.py dcl.py` shows the docstring, the loss, the flags and the
-train step.
+The whole method in one file; common.py holds only data, backbone and similarity code. The
+sections marked "copied section" are simclr.py's verbatim, checked by a test: `diff simclr.py
+dcl.py` shows only the docstring, the loss, the flags and the train step.
 """
 # --- copied section "imports": identical in every method file; simclr.py's is the original ---
 import argparse

@@ -12,12 +12,9 @@ gradient is FlatNCE's, which equals DCL's. The log also records p+, the mean pos
 probability of the InfoNCE softmax. Defaults follow simclr.py (ResNet-50, LARS,
 lr 0.075 x sqrt(B), wd 1e-6, T 0.1, 10 warmup epochs, 100 epochs, batch 256).
 
-This file is the whole method, top to bottom: loss, arguments, setup (distributed, lr, LARS),
-train step, training loop (checkpoints, resume, log, spectral batches), evaluation (kNN
-monitor, linear probe), main. common.py holds only data, backbone and similarity code. The
-sections marked "copied section" are simclr.py's, character for character (README: How the
-code is laid out): `diff simclr.py flatnce.py` shows the docstring, the loss, the flags and the
-train step.
+The whole method in one file; common.py holds only data, backbone and similarity code. The
+sections marked "copied section" are simclr.py's verbatim, checked by a test: `diff simclr.py
+flatnce.py` shows only the docstring, the loss, the flags and the train step.
 """
 # --- copied section "imports": identical in every method file; simclr.py's is the original ---
 import argparse

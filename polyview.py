@@ -16,12 +16,9 @@ warmup epochs. Deviations: 100 epochs by default (the headline uses 128), and M 
 repository's choice, not a number taken from the paper; set --epochs and --pv-views for a
 run that compares with it.
 
-This file is the whole method, top to bottom: loss, arguments, setup (distributed, lr, LARS),
-train step, training loop (checkpoints, resume, log, spectral batches), evaluation (kNN
-monitor, linear probe), main. common.py holds only data, backbone and similarity code. The
-sections marked "copied section" are simclr.py's, character for character (README: How the
-code is laid out): `diff simclr.py polyview.py` shows the docstring, the loss, the flags and the
-train step.
+The whole method in one file; common.py holds only data, backbone and similarity code. The
+sections marked "copied section" are simclr.py's verbatim, checked by a test: `diff simclr.py
+polyview.py` shows only the docstring, the loss, the flags and the train step.
 """
 # --- copied section "imports": identical in every method file; simclr.py's is the original ---
 import argparse

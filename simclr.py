@@ -11,11 +11,9 @@ Defaults are the paper's ImageNet recipe: ResNet-50, LARS with lr 0.075 x sqrt(B
 100 epochs. Deviation: the default global batch is 256, the small-batch setting this
 repository is about (the paper's headline runs use 4096).
 
-This file is the whole method, top to bottom: loss, arguments, setup (distributed, lr, LARS),
-train step, training loop (checkpoints, resume, log, spectral batches), evaluation (kNN
-monitor, linear probe), main. common.py holds only data, backbone and similarity code. The
-sections marked "copied section" are the same in every method file; this file's are the
-originals (README: How the code is laid out).
+The whole method in one file; common.py holds only data, backbone and similarity code. The
+sections marked "copied section" recur verbatim in every method file, checked by a test
+(README: How the code is laid out).
 """
 # --- copied section "imports": identical in every method file; simclr.py's is the original ---
 import argparse

@@ -14,12 +14,9 @@ estimate, which is what lets batch 256 match SimCLR at batch 8192. Paper recipe,
 defaults here: ResNet-50, batch 256, LARS with lr 0.075 x sqrt(B), wd 1e-6, T 0.1,
 gamma 0.9, 800 epochs (10 warmup).
 
-This file is the whole method, top to bottom: loss, arguments, setup (distributed, lr, LARS),
-train step, training loop (checkpoints, resume, log, spectral batches), evaluation (kNN
-monitor, linear probe), main. common.py holds only data, backbone and similarity code. The
-sections marked "copied section" are simclr.py's, character for character (README: How the
-code is laid out): `diff simclr.py sogclr.py` shows the docstring, the loss, the flags and the
-train step.
+The whole method in one file; common.py holds only data, backbone and similarity code. The
+sections marked "copied section" are simclr.py's verbatim, checked by a test: `diff simclr.py
+sogclr.py` shows only the docstring, the loss, the flags and the train step.
 """
 # --- copied section "imports": identical in every method file; simclr.py's is the original ---
 import argparse
