@@ -473,15 +473,15 @@ def augmented_batches(train_set, meta, rows, n_views, workers, device):
 
 
 def eval_transform(meta, train_aug=False):
-    """Evaluation: resize 256 / centre crop 224 for photo folders, small sets as they are. train_aug:
-    MoCo v3's linear-probe training augmentation (RandomResizedCrop + flip) for photo folders."""
+    """Eval: resize 256 / centre crop 224 on photo folders (train_aug: MoCo v3's probe RandomResizedCrop + flip),
+    small sets as they are. uint8 out, normalised on the device: float32 would be 154 MB of shm per 256 at 224 px."""
     if not meta["folder"]:
         ops = []
     elif train_aug:
         ops = [T.RandomResizedCrop(meta["size"], antialias=True), T.RandomHorizontalFlip()]
     else:
         ops = [T.Resize(meta["size"] * 8 // 7, antialias=True), T.CenterCrop(meta["size"])]
-    return T.Compose([T.ToImage()] + ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(*meta["stats"])])
+    return T.Compose([T.ToImage()] + ops)
 
 
 # ----------------------------------------------------------------------------- backbone

@@ -114,7 +114,8 @@ def get_parser():
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="forward autocast; auto: bf16 on GPUs with it, else fp16 with a GradScaler; fp32 on CPU")
     p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
-                   help="torch.compile the model; reduce-overhead adds CUDA graphs (small batches: launches dominate)")
+                   help="torch.compile the model; reduce-overhead adds CUDA graphs (small batches: launches dominate); "
+                        "max-autotune: one process only (it can hang under DDP)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     # evaluation
@@ -142,7 +143,10 @@ def check_args(args):
               (args.arch in common.ARCHS, f"--arch {args.arch} is not supported; choose one of {', '.join(common.ARCHS)}"),
               (args.data in common.NAMED or os.path.isdir(args.data),
                f"--data {args.data}: no such directory; give an ImageFolder root or one of {', '.join(common.NAMED)}"),
-              (not os.path.isfile(args.out_dir), f"--out-dir {args.out_dir} is a file; give a directory")]
+              (not os.path.isfile(args.out_dir), f"--out-dir {args.out_dir} is a file; give a directory"),
+              # pytorch issue 140395: under DDP, max-autotune's CUDA-graph re-recording can keep compiling for ever
+              (args.compile != "max-autotune" or w == 1,
+               f"--compile max-autotune can hang with {w} processes (pytorch issue 140395); use --compile default")]
     for ok, msg in checks:
         if not ok:
             raise BadInput(msg)
@@ -173,6 +177,10 @@ def setup(args):
     on the CPU. Resolves --precision auto (as nanoGPT: bf16 where the GPU has it, else fp16; fp32 on the
     CPU) and the lr. Returns this rank's device."""
     cuda = torch.cuda.is_available()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's --nproc_per_node
+    if cuda and per_node > torch.cuda.device_count():  # every rank stops here, before any rank waits in init
+        raise BadInput(f"{per_node} processes per node but {torch.cuda.device_count()} GPU(s): use "
+                       f"--nproc_per_node={torch.cuda.device_count()}, or CUDA_VISIBLE_DEVICES= to run on the CPU")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -226,10 +234,15 @@ class LARS(torch.optim.Optimizer):
                 d = torch._foreach_add([steps[i] for i in matrices], w, alpha=group["weight_decay"])
                 w_norm, d_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(d))
                 trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
+                # Not fused on a GPU: the foreach fast path needs same-shape operands, so one scalar per tensor
+                # costs one launch per tensor (~160 for ResNet-50). A flat-buffer LARS would fix it; not yet measured.
                 torch._foreach_mul_(d, list(trust.unbind()))
                 for i, di in zip(matrices, d):
                     steps[i] = di
-            mu = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in params]
+            for p in params:  # once: setdefault would build (and fill) a new zeros_like every step
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+            mu = [self.state[p]["mu"] for p in params]
             torch._foreach_mul_(mu, group["momentum"])
             torch._foreach_add_(mu, steps)
             torch._foreach_add_(params, mu, alpha=-group["lr"])
@@ -476,14 +489,17 @@ def loader(ds, batch, workers, sampler=None, drop_last=False):
 
 
 @torch.no_grad()
-def features(net, ds, workers, precision):
+def features(net, ds, workers, precision, stats):
     """net's fp32 outputs (n, views, dim) and the labels for this rank's shard of `ds` (contiguous: after
-    gather_rows row i is index i), in eval mode: BN uses, never updates, its running statistics."""
+    gather_rows row i is index i), in eval mode: BN uses, never updates, its running statistics. The
+    workers send uint8 images (see common.eval_transform); they are normalised with `stats` on the device."""
     was_training = net.training
     net.eval()
     out, labels = [], []
+    mean, std = (torch.tensor(s, device=next(net.parameters()).device).view(-1, 1, 1) for s in stats)
     for views, y, _ in loader(ds, 256, workers, sampler=common.shard(len(ds))):  # views: (B, V, C, H, W)
-        out.append(torch.stack(common.forward_views(net, views.transpose(0, 1), precision), 1))
+        x = (views.to(mean.device, non_blocking=True).float() / 255 - mean) / std
+        out.append(torch.stack(common.forward_views(net, x.transpose(0, 1), precision), 1))
         labels.append(y)
     net.train(was_training)
     return torch.cat(out), torch.cat(labels).to(out[0].device)
@@ -495,10 +511,10 @@ def knn_monitor(backbone, args, k=200, temperature=0.1):
     train, val, meta = common.base_datasets(args.data, args.data_root)
     plain = common.eval_transform(meta)
     bank_set = common.Views(common.subset(train, args.subset, args.seed), plain, 1)
-    bank, bank_y = features(backbone, bank_set, args.workers, args.precision)
+    bank, bank_y = features(backbone, bank_set, args.workers, args.precision, meta["stats"])
     half = torch.float16 if bank.is_cuda else torch.float32  # a 1.28M x 2048 bank: 5 GB in fp16 on every GPU
     bank, bank_y = common.gather_rows(F.normalize(bank[:, 0], dim=1).to(half)), common.gather_rows(bank_y)
-    q, qy = features(backbone, common.Views(val, plain, 1), args.workers, args.precision)
+    q, qy = features(backbone, common.Views(val, plain, 1), args.workers, args.precision, meta["stats"])
     q = F.normalize(q[:, 0], dim=1).to(bank.dtype)
     correct = torch.zeros((), device=q.device)
     for s in range(0, len(q), 256):
@@ -546,8 +562,9 @@ def linear_eval(args, backbone, meta):
         data = loader(ds, batch // world(), args.workers, sampler=sampler, drop_last=True)
         model = DistributedDataParallel(head) if world() > 1 else head
         steps = len(data)
+        mean, std = (torch.tensor(s, device=device).view(-1, 1, 1) for s in meta["stats"])  # the workers send uint8
     else:
-        x_train, y_train = features(backbone, common.Views(train, plain, 1), args.workers, args.precision)
+        x_train, y_train = features(backbone, common.Views(train, plain, 1), args.workers, args.precision, meta["stats"])
         x_train, y_train = common.gather_rows(x_train[:, 0]), common.gather_rows(y_train)
         model = head  # every rank trains the same head on the same cached features
         steps = len(x_train) // batch
@@ -558,7 +575,7 @@ def linear_eval(args, backbone, meta):
     for epoch in bar:
         if meta["folder"]:
             sampler.set_epoch(epoch)
-            batches = ((v, y.to(device)) for v, y, _ in data)
+            batches = ((v, y.to(device, non_blocking=True)) for v, y, _ in data)  # pinned: no host wait
         else:
             perm = torch.randperm(len(x_train), device=device)[: steps * batch].view(steps, batch)
             batches = ((x_train[p], y_train[p]) for p in perm)
@@ -567,6 +584,7 @@ def linear_eval(args, backbone, meta):
                 group["lr"] = lr_at(epoch * steps + i, epochs * steps, 0, lr)
             if meta["folder"]:
                 with torch.no_grad():
+                    x = (x.to(device, non_blocking=True).float() / 255 - mean) / std
                     x = common.forward_views(backbone, x.transpose(0, 1), args.precision)[0]
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -577,7 +595,7 @@ def linear_eval(args, backbone, meta):
             for k, v in backbone.state_dict().items():
                 if not torch.equal(v, frozen[k]):
                     raise RuntimeError(f"linear protocol violated: backbone tensor {k} changed during the probe")
-    x_val, y_val = features(backbone, common.Views(val, plain, 1), args.workers, args.precision)
+    x_val, y_val = features(backbone, common.Views(val, plain, 1), args.workers, args.precision, meta["stats"])
     with torch.no_grad():
         correct = (head(x_val[:, 0]).argmax(1) == y_val).sum()
     acc = top1_over_ranks(correct, len(x_val), len(val))

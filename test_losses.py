@@ -626,6 +626,53 @@ def test_gather_with_grad_is_identity_without_distributed():
     assert common.gather_with_grad(x) is x
 
 
+# ----------------------------------------------------------------------------- host syncs
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that would make the host wait for the GPU: a value read back (.item(), `if tensor`,
+    torch.equal) or an output whose size depends on the data (nonzero, a boolean-mask index, masked_select).
+    Blind to .cpu() / .tolist() on CPU tensors, which reach no op here: those are checked by reading."""
+    READS = {"_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero", "masked_select", "_unique2",
+             "unique_dim", "unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        mask = name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)) and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1])
+        if name in self.READS or mask:
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("script,flags", [("simclr", []), ("sogclr", []), ("dcl", []), ("dcl", ["--dcl-sigma", "0.5"]),
+                                          ("flatnce", []), *(("polyview", ["--pv-objective", o]) for o in OBJECTIVES)])
+def test_training_step_never_waits_for_the_device(monkeypatch, script, flags):
+    """The forward, the loss, the backward and the LARS step of every method, as the training loop runs them:
+    no op in them reads a value back or makes a data-dependent shape, so on a GPU the host never stalls."""
+    module = __import__(script)
+    monkeypatch.setattr(sys, "argv", [script, "--data", "synthetic", "--arch", "resnet18", "--batch", "8", *flags])
+    args = module.get_args()
+    args.precision = "fp32"
+    torch.manual_seed(0)
+    net = common.make_model("resnet18", 32, 3, torch.device("cpu"))
+    opt = module.LARS(net.parameters(), lr=0.1, weight_decay=1e-6)
+    state = module.make_state(args, 32, torch.device("cpu"))
+    views, index = torch.randn(args.n_views, 8, 3, 32, 32), torch.randperm(32)[:8]
+    for _ in range(2):  # the second step has LARS's momentum buffers already
+        with HostSyncs() as syncs:
+            loss, _ = module.train_step(net, views, index, state, args)
+            loss.backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert syncs.found == [], syncs.found
+        assert torch.isfinite(loss)
+
+
 # ----------------------------------------------------------------------------- LARS and schedule
 
 
@@ -651,6 +698,31 @@ def test_lars_1d_parameters_get_plain_sgd_momentum():
             expected = w0 - 0.5 * 0.001 * w0.norm() / d.norm() * d
             torch.testing.assert_close(weight.detach(), expected)
         assert torch.equal(bias.detach(), bias_ref.detach())  # bit-identical to SGD
+
+
+class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every aten op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_lars_makes_its_momentum_buffers_once():
+    """The first step creates one zero buffer per parameter; later steps allocate none (no zeros_like, no
+    memset): 165 of them per step for ResNet-50 otherwise."""
+    params = [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(5))]
+    lars = simclr.LARS(params, lr=0.1, weight_decay=1e-6)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with Ops() as ops:
+            lars.step()
+        assert ops.names.count("zeros_like") == (2 if step == 0 else 0), ops.names
 
 
 def test_lars_foreach_equals_per_tensor_loop():
@@ -818,3 +890,26 @@ def test_worker_crops_match_full_decode(tmp_path):
     for crop, (t, l, h, w) in zip(crops, boxes.int().tolist()):
         ref = TF.resized_crop(full, t, l, h, w, [96, 96], antialias=True)
         assert (crop.float() - ref).abs().mean() < 2.0  # of 255: JPEG's reduced-size decode vs full decode
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_eval_workers_send_uint8_normalised_on_the_device_as_torchvision(folder):
+    """The evaluation workers return uint8 (a quarter of float32's shared memory); `features` normalises on
+    the device and gets torchvision's float pipeline: resize / centre crop, ToDtype(scale), Normalize."""
+    import torchvision.transforms.v2 as T
+    from PIL import Image
+
+    torch.manual_seed(0)
+    meta = dict(META_RGB, size=32, folder=folder)
+    images = [torch.randint(0, 256, (3, 40, 50) if folder else (3, 32, 32), dtype=torch.uint8) for _ in range(5)]
+    base = [(Image.fromarray(x.permute(1, 2, 0).numpy()) if folder else x, 0) for x in images]
+    plain = common.eval_transform(meta)
+    assert plain(base[0][0]).dtype == torch.uint8
+    identity = torch.nn.Conv2d(3, 3, 1, bias=False)  # a 'network' that returns its input, flattened
+    torch.nn.init.dirac_(identity.weight)
+    net = torch.nn.Sequential(identity, torch.nn.Flatten())
+    got, _ = simclr.features(net, common.Views(base, plain, 1), 0, "fp32", meta["stats"])
+    resize = [T.Resize(36, antialias=True), T.CenterCrop(32)] if folder else []
+    reference = T.Compose([T.ToImage(), *resize, T.ToDtype(torch.float32, scale=True), T.Normalize(*meta["stats"])])
+    want = torch.stack([reference(img).flatten() for img, _ in base])
+    torch.testing.assert_close(got[:, 0], want, atol=1e-5, rtol=0)

@@ -49,7 +49,11 @@ def fix_copies():
 
 def command(script, *args, nproc=1, env=None):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {}))
+    # CUDA_VISIBLE_DEVICES empty: the scripts run on the CPU even on a GPU machine. The bit-identical resume
+    # tests hold only there (cudnn.benchmark and bf16 make GPU gradients vary run to run), and the 2-process
+    # runs would otherwise ask a 1-GPU machine for a second GPU.
+    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+               CUDA_VISIBLE_DEVICES="", **(env or {}))
     return dict(args=cmd + [os.path.join(HERE, script)] + list(args), env=env, cwd=HERE, stdin=subprocess.DEVNULL)
 
 
@@ -159,6 +163,29 @@ def test_batch_not_divisible_by_processes():
     p = run("simclr.py", "--data", "synthetic", "--batch", "63",
             env=dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"))
     assert_one_clear_line(p, "--batch 63", "multiple of 2")
+
+
+def test_more_processes_than_gpus(monkeypatch):
+    """torchrun --nproc_per_node=2 on a 1-GPU machine: every rank stops with one line that names the GPU count,
+    before set_device (which dies with 'invalid device ordinal') and before init_process_group (where the
+    other ranks would wait). On the CPU, with a GPU machine's answers put in."""
+    import simclr
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device was reached"))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("init was reached"))
+    for local_rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(simclr.BadInput, match=r"^2 processes per node but 1 GPU\(s\): use --nproc_per_node=1, or "
+                                                  r"CUDA_VISIBLE_DEVICES= to run on the CPU$"):
+            simclr.setup(None)
+
+
+def test_max_autotune_is_refused_under_ddp():
+    p = run("simclr.py", "--data", "synthetic", "--compile", "max-autotune", env={"WORLD_SIZE": "2"})
+    assert_one_clear_line(p, "--compile max-autotune can hang with 2 processes", "use --compile default")
 
 
 def test_unknown_arch():
