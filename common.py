@@ -1,7 +1,5 @@
-"""common.py: what the method scripts share that is not about training: data, backbone and similarity.
-The training (loss, optimizer, schedule, loop, checkpoints, evaluation) is written out in each method
-file (simclr.py, ...). Functions take plain values (an arch, an image size), never a script's args.
-"""
+"""common.py: what the method scripts share that is not about training: data, backbone and similarity (the
+training, loss to evaluation, is written out in each method file). Functions take plain values, never args."""
 import collections
 import functools
 import gzip
@@ -34,9 +32,8 @@ def world():
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather forward; backward all_reduces the gradient and keeps this rank's slice: these rows were
-    candidates in every rank's loss. The slice alone would drop the terms where they are other ranks'
-    negatives (SogCLR's issue #1)."""
+    """all_gather forward; backward all_reduces the gradient and keeps this rank's slice: these rows were in every
+    rank's loss. The slice alone would drop the terms where they are other ranks' negatives (SogCLR's issue #1)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -152,13 +149,10 @@ def similarity_logsumexp(anchors, candidates, temperature, exclude=None, chunk_s
 
 
 def two_view_terms(z1, z2, temperature, chunk_size=None):
-    """What every two-view loss is made of. z1, z2: (B, D) raw projections of this rank, normalised; all
-    ranks' views are the candidates (with gradient). For this rank's 2B anchors (view 1, then view 2):
-      z        (2B, D)  the normalised anchors;
-      positive (2B,)    s(x_i^k, x_i^o) / T, the other view of the same image;
-      negative (2B,)    log sum_{z in N_i} exp(s(x_i^k, z) / T), N_i = both views of every
-                        other image of the global batch, 2(BW - 1) entries.
-    InfoNCE's denominator, which also holds the positive, is logaddexp(negative, positive)."""
+    """What every two-view loss is made of, for this rank's 2B anchors (normalised z1 rows, then z2 rows) against
+    all ranks' views (with gradient): z (2B, D) the anchors; positive (2B,) s(x_i^k, x_i^o) / T, the other view of
+    the same image; negative (2B,) log sum_{z in N_i} exp(s(x_i^k, z) / T), N_i both views of every other image
+    of the global batch, 2(BW - 1) entries. InfoNCE's denominator is logaddexp(negative, positive)."""
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     candidates = gather_with_grad(z)  # (2BW, D): rank r's views at rows 2Br .. 2B(r+1)-1
@@ -318,10 +312,9 @@ def crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def sample_augmentation(n, meta, height=None, width=None):
-    """Random parameters for n views, on the CPU: (floats, jitter, lengths). floats (n, 11): crop box (top, left,
-    h, w; zeros without height and width), flip, grayscale, brightness, contrast, saturation, hue, blur sigma
-    (0: none). jitter: 16 index lists, one per (position, operation) of the colour jitter (p 0.8) in a uniform
-    random order per sample; lengths: their sizes."""
+    """Random parameters for n views, on the CPU: (floats, jitter, lengths). floats (n, 11): crop box (top, left, h,
+    w; zeros without height and width), flip, grayscale, brightness, contrast, saturation, hue, blur sigma (0: none).
+    jitter: 16 index lists (and their lengths), one per (position, operation) of the colour jitter (p 0.8)."""
     rec = recipe(meta)
     s = rec["strength"]
     box = crop_boxes(n, height, width) if height else torch.zeros(n, 4)
@@ -486,6 +479,36 @@ def eval_transform(meta, train_aug=False):
 
 # ----------------------------------------------------------------------------- backbone
 
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm1d / 2d, training statistics over all ranks' rows (as many on each): a gather_with_grad of (sum x,
+    sum x^2) per layer, any backend, no host sync (SyncBatchNorm: GPUs only, and it syncs the host every layer)."""
+
+    def forward(self, x):
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        dims, shape, n = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2), x.numel() // x.shape[1] * world()
+        xf = x.to(self.weight.dtype)  # bf16 under autocast: the statistics in fp32
+        mean, sq = gather_with_grad(torch.stack([xf.sum(dims), xf.square().sum(dims)])[None]).sum(0) / n
+        var = (sq - mean.square()).clamp_min(0)  # E[x^2] - E[x]^2, as SimCLR's cross-replica BN
+        with torch.no_grad():  # the same on every rank (no buffer broadcast needed); running_var unbiased
+            self.num_batches_tracked += 1
+            torch._foreach_lerp_([self.running_mean, self.running_var], [mean, var * n / (n - 1)], self.momentum)
+        scale = self.weight * (var + self.eps).rsqrt()
+        return (xf * scale.view(shape) + (self.bias - mean * scale).view(shape)).to(x.dtype)
+
+
+def global_batchnorm(module):
+    """module with every BatchNorm a GlobalBatchNorm (same parameters, buffers and state_dict keys); module
+    itself when not distributed. As SimCLR: per-GPU statistics of a few dozen samples are noisy."""
+    for parent in list(module.modules()) if world() > 1 else []:
+        for name, bn in parent.named_children():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum).to(bn.weight))
+                getattr(parent, name).load_state_dict(bn.state_dict())
+    return module
+
+
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
@@ -503,10 +526,7 @@ def make_model(arch, size, channels, device):
     projector = nn.Sequential(nn.Linear(dim, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True), nn.Linear(2048, 128))
     backbone.feat_dim = dim
     model = nn.Sequential(collections.OrderedDict(backbone=backbone, projector=projector))
-    if world() > 1 and device.type == "cuda":
-        # Global BN, as SimCLR: per-GPU statistics of a few dozen samples are noisy and let the model cheat.
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(device, memory_format=torch.channels_last)
+    return global_batchnorm(model).to(device, memory_format=torch.channels_last)
 
 
 def forward_views(net, views, precision="fp32"):
@@ -559,19 +579,16 @@ def _equal_size_assign(dist, size):
 
 
 def spectral_batches(z1, z2, batch_size, temperature=0.1, clusters=40, generator=None):
-    """Hard mini-batches by spectral clustering (Cho et al. 2023, their official procedure). z1, z2: (N, D)
-    embeddings of two views of every training image. Returns LongTensors of batch_size indices, none
-    twice, covering all but fewer than batch_size images.
-
-    Shuffle and cut into chunks of clusters x B. In a chunk, with u, v the normalised embeddings over
-    sqrt(T), A_ij = log(1 + (B-1) exp(u_i.v_j - u_i.v_i)) + log(1 + (B-1) exp(v_i.u_j - u_i.v_i))
-    approximates the loss the pair adds when i and j share a batch; A <- A + A^T, W = exp(A). The
-    spectral embedding of W (`clusters` bottom eigenvectors of the normalised Laplacian, rows
-    normalised) is split by k-means, then into clusters of exactly B: batches of pairs that are hard
-    for each other. A last partial chunk gets as many clusters as it holds whole batches."""
+    """Hard mini-batches by spectral clustering, after Cho et al. 2023. z1, z2: (N, D) embeddings of two views
+    of every image; returns LongTensors of batch_size indices, none twice, covering all but fewer than
+    batch_size images. Per shuffled chunk of clusters x B, with u, v the normalised embeddings over sqrt(T),
+    A_ij = log(1 + (B-1) exp(u_i.v_j - u_i.v_i)) + log(1 + (B-1) exp(v_i.u_j - u_i.v_i)) approximates the loss
+    i and j add when they share a batch; W = exp(A + A^T). The `clusters` bottom eigenvectors of W's normalised
+    Laplacian, rows normalised, are split by k-means, then into clusters of exactly B: batches of pairs hard for
+    each other. A last partial chunk gets as many clusters as it holds whole batches. Not yet checked: that 30
+    steps of subspace iteration converge, and the official code's differences (README, Known issues)."""
     b = batch_size
-    u = F.normalize(z1.float(), dim=1) / math.sqrt(temperature)
-    v = F.normalize(z2.float(), dim=1) / math.sqrt(temperature)
+    u, v = (F.normalize(z.float(), dim=1) / math.sqrt(temperature) for z in (z1, z2))
     order = torch.randperm(len(u), generator=generator).to(u.device)
     batches = []
     for start in range(0, len(u) - b + 1, clusters * b):

@@ -18,6 +18,7 @@ flatnce.py` shows only the docstring, the loss, the flags and the train step.
 """
 # --- copied section "imports": identical in every method file; simclr.py's is the original ---
 import argparse
+import inspect
 import json
 import math
 import os
@@ -346,9 +347,12 @@ def pretrain(args, model, train_set, meta, state):
         batches = None  # spectral batches made for other data or another batch size: rebuild
     step = start_epoch * steps_per_epoch
     net = model
-    if world() > 1:  # with SyncBatchNorm on GPUs the BN buffers already agree; no broadcast needed
-        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                      broadcast_buffers=device.type != "cuda")
+    if world() > 1:
+        # Global BN (common.make_model) keeps the BN buffers equal on every rank: no broadcast before each forward.
+        # torch 2.14 has forward_sync_buffers for this and warns at broadcast_buffers; older torch has only the latter.
+        name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+            else "broadcast_buffers"
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, **{name: False})
     torch.backends.cudnn.benchmark = True
     if args.compile:
         net = torch.compile(net, mode=args.compile)

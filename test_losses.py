@@ -913,3 +913,91 @@ def test_eval_workers_send_uint8_normalised_on_the_device_as_torchvision(folder)
     reference = T.Compose([T.ToImage(), *resize, T.ToDtype(torch.float32, scale=True), T.Normalize(*meta["stats"])])
     want = torch.stack([reference(img).flatten() for img, _ in base])
     torch.testing.assert_close(got[:, 0], want, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- global batch norm
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(64, 5), torch.nn.BatchNorm1d(5)).double()
+
+
+def _bn_worker(r, w, port, xs, weights, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=w)
+    try:
+        net = torch.nn.parallel.DistributedDataParallel(common.global_batchnorm(_bn_net()))
+        results = []
+        for x, weight in zip(xs, weights):
+            b = len(x) // w
+            x = x[r * b:(r + 1) * b].clone().requires_grad_()
+            y = net(x)
+            (y * weight[r * b:(r + 1) * b]).sum().backward()  # rank r's share of the global objective
+            results.append(dict(y=y.detach(), dx=x.grad, dp=[p.grad.clone() for p in net.parameters()]))
+            net.zero_grad()
+        net.eval()
+        results.append(dict(state=net.module.state_dict(), eval_y=net(xs[0][r * b:(r + 1) * b]).detach()))
+        torch.save(results, os.path.join(out, f"rank{r}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batchnorm_equals_one_process_batchnorm(tmp_path):
+    """2 gloo ranks, each with half of a batch of 8, through conv-BN2d-ReLU-linear-BN1d under DDP, two training
+    steps: the outputs, input gradients, parameter gradients (after DDP's average) and running statistics equal
+    one process's nn.BatchNorm on the whole batch. Fails if the statistics or the backward's sums stay local."""
+    w = 2
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64) * 3 + 1 for _ in range(2)]
+    weights = [torch.randn(8, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    mp.spawn(_bn_worker, args=(w, free_port(), xs, weights, str(tmp_path)), nprocs=w)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(w)]
+    ref = _bn_net()
+    for step, (x, weight) in enumerate(zip(xs, weights)):
+        x = x.clone().requires_grad_()
+        y = ref(x)
+        (y * weight).sum().backward()
+        for r, p in enumerate(parts):
+            rows = slice(r * 4, (r + 1) * 4)
+            torch.testing.assert_close(p[step]["y"], y[rows].detach(), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(p[step]["dx"], x.grad[rows], rtol=1e-10, atol=1e-12)
+            for got, param in zip(p[step]["dp"], ref.parameters()):
+                torch.testing.assert_close(got, param.grad / w, rtol=1e-10, atol=1e-12)  # DDP averages over ranks
+        ref.zero_grad()
+    ref.eval()
+    for r, p in enumerate(parts):
+        state = p[-1]["state"]
+        assert state.keys() == ref.state_dict().keys()  # checkpoints move between 1 and N processes
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(state[k], v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p[-1]["eval_y"], ref(xs[0][r * 4:(r + 1) * 4]).detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_global_batchnorm_is_identity_without_distributed():
+    net = _bn_net()
+    assert common.global_batchnorm(net) is net
+    assert all(type(m) is not common.GlobalBatchNorm for m in net.modules())
+
+
+def test_global_batchnorm_traces_whole_and_never_waits_for_the_device():
+    """Under a fake 2-rank process group (no peers; collectives return at once), the model that the scripts build:
+    dynamo traces its forward as one graph (torch's SyncBatchNorm breaks the graph at every layer, pytorch issues
+    156680 and 161302, and runs only on GPUs), and a training forward + backward reaches no op that reads a
+    value back (HostSyncs)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        torch.manual_seed(0)
+        net = common.make_model("resnet18", 32, 3, torch.device("cpu"))
+        assert sum(type(m) is common.GlobalBatchNorm for m in net.modules()) == 21  # resnet18's 20 + the projector's
+        x = torch.randn(4, 3, 32, 32)
+        explain = torch._dynamo.explain(net)(x)
+        assert (explain.graph_count, explain.graph_break_count) == (1, 0), explain.break_reasons
+        with HostSyncs() as syncs:
+            net(x).square().sum().backward()
+        assert syncs.found == [], syncs.found
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
