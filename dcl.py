@@ -45,7 +45,8 @@ def dcl_loss(z1, z2, temperature=0.1, sigma=None, chunk_size=None):
 
         l(i, k) = -w_i s(x_i^k, x_i^o)/T + log sum_{z in N_i} exp(s(x_i^k, z)/T)
 
-    averaged over this rank's 2B anchors (image i, view k, other view o). N_i is both
+    averaged over this rank's 2B anchors (image i, view k, other view o); the gradient is that of
+    2x the mean, SimCLR's scale (below). N_i is both
     views of every other image of the global batch, 2(BW - 1) entries: unlike InfoNCE the
     positive is not in the denominator. w = 1 for DCL. DCLW (sigma a number):
     w_i = 2 - exp(s(x_i^1, x_i^2)/sigma) / mean_j exp(s(x_j^1, x_j^2)/sigma), the mean over
@@ -64,7 +65,10 @@ def dcl_loss(z1, z2, temperature=0.1, sigma=None, chunk_size=None):
         # exp(s/sigma) / mean_j exp(s_j/sigma), in log space so that a small sigma cannot overflow
         log_mean = torch.logsumexp(s_all / sigma, dim=0) - math.log(len(s_all))
         weight = (2 - torch.exp(s_pos / sigma - log_mean)).repeat(2)  # both views of image i share w_i
-    return (-weight * positive + negative).mean()
+    loss = (-weight * positive + negative).mean()
+    # Gradient scale: no official DCL code trains with LARS, so SimCLR's (google-research/simclr sums the two
+    # directions' batch means): the value is the mean, the gradient that of 2x the mean (see simclr.py).
+    return 2 * loss - loss.detach()
 
 
 

@@ -47,7 +47,8 @@ def flatnce_loss(z1, z2, temperature=0.1, chunk_size=None, with_p_pos=False):
         loss = mean_i exp(v_i - detach(v_i)) - 1 + detach(InfoNCE)
 
     exp(v - detach(v)) is 1 in value and has the gradient of v, so the value is InfoNCE's
-    and the gradient is mean_i grad v_i, which is DCL's gradient. N_i: both views of every
+    and the gradient is mean_i grad v_i, which is DCL's gradient, times 2: SimCLR's scale (below),
+    as in dcl.py. N_i: both views of every
     other image of the global batch (the positive excluded).
     z1, z2: (B, D) raw projections of this rank, fp32 or fp64.
     with_p_pos: also return p+, the mean InfoNCE softmax probability of the positive.
@@ -57,7 +58,9 @@ def flatnce_loss(z1, z2, temperature=0.1, chunk_size=None, with_p_pos=False):
     _, positive, negative = common.two_view_terms(z1, z2, temperature, chunk_size)  # (2B,) each
     v = negative - positive
     info_nce = torch.logaddexp(negative, positive) - positive  # per anchor, -log p+
-    loss = torch.exp(v - v.detach()).mean() - 1 + info_nce.mean().detach()
+    # Gradient scale: no official FlatNCE code trains with LARS, so SimCLR's (google-research/simclr sums the two
+    # directions' batch means): 2x the mean's gradient (see simclr.py). The value stays InfoNCE's.
+    loss = 2 * (torch.exp(v - v.detach()).mean() - 1) + info_nce.mean().detach()
     return (loss, torch.exp(-info_nce).mean().detach()) if with_p_pos else loss
 
 

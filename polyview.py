@@ -47,7 +47,8 @@ OBJECTIVES = ("geometric", "arithmetic", "sufficient", "multicrop")
 
 
 def polyview_loss(z, temperature=0.1, objective="geometric", chunk_size=None):
-    """Poly-view losses, averaged over this rank's M x B anchors (sample i, view a).
+    """Poly-view losses, averaged over this rank's M x B anchors (sample i, view a): the value; the gradient
+    is that of M x the mean (SimCLR's scale, below).
 
     With s the cosine similarity and k, c running over the M views of all B x W samples of
     the global batch, the probability of target view b != a of the anchor's own sample is
@@ -75,6 +76,12 @@ def polyview_loss(z, temperature=0.1, objective="geometric", chunk_size=None):
     if m < 2:
         raise ValueError(f"poly-view losses need at least 2 views per sample, got {m}")
     z = F.normalize(z, dim=-1)  # (M, B, D)
+
+    def scaled(loss):  # value: the mean over anchors; gradient: M x the mean's
+        # No official Poly-View code trains with LARS, so SimCLR's scale: google-research/simclr sums its two
+        # directions' batch means (see simclr.py); here the sum over the M anchor views of their batch means.
+        return m * loss - (m - 1) * loss.detach()
+
     # Sample-major rows so that gather_with_grad (dim 0) keeps each sample's views together;
     # rank r's samples are rows Br .. B(r+1)-1.
     cands = common.gather_with_grad(z.transpose(0, 1).contiguous())  # (BW, M, D)
@@ -89,7 +96,7 @@ def polyview_loss(z, temperature=0.1, objective="geometric", chunk_size=None):
         t = F.normalize(cands.sum(1, keepdim=True) - cands, dim=-1)  # (BW, M, D): t[k, a]
         denominator = torch.stack([lse(z[a], t[:, a], None) for a in range(m)])  # (M, B)
         positive = (z * t[own].transpose(0, 1)).sum(-1) / temperature  # s(i^a, t_i^a)/T
-        return (denominator - positive).mean()
+        return scaled((denominator - positive).mean())
 
     # others[c, a, i] = log sum_{k != i} exp(s(i^a, k^c)/T): view c of every other sample.
     anchors, exclude = z.reshape(m * b, -1), own.repeat(m)[:, None]
@@ -107,8 +114,8 @@ def polyview_loss(z, temperature=0.1, objective="geometric", chunk_size=None):
     targets = j + (j >= torch.arange(m, device=z.device)[:, None])  # (M, M-1)
     log_p = log_p.transpose(1, 2).gather(1, targets[..., None].expand(m, m - 1, b))  # [anchor view, target view, sample]
     if objective == "arithmetic":
-        return -(torch.logsumexp(log_p, dim=1) - math.log(m - 1)).mean()
-    return -log_p.mean()  # geometric and multicrop: every (i, a, b) pair has the same weight
+        return scaled(-(torch.logsumexp(log_p, dim=1) - math.log(m - 1)).mean())
+    return scaled(-log_p.mean())  # geometric and multicrop: every (i, a, b) pair has the same weight
 
 
 

@@ -40,7 +40,7 @@ from common import BadInput, rank, world
 
 
 def info_nce_loss(z1, z2, temperature=0.1, chunk_size=None):
-    """NT-Xent, the paper's eq. (1), averaged over this rank's 2B anchors:
+    """NT-Xent, the paper's eq. (1), averaged over this rank's 2B anchors (the value; its gradient is 2x, below):
 
         l(i) = -log( exp(s(i, p(i))/T) / sum_{k != i} exp(s(i, k)/T) )
 
@@ -52,7 +52,12 @@ def info_nce_loss(z1, z2, temperature=0.1, chunk_size=None):
     """
     _, positive, negative = common.two_view_terms(z1, z2, temperature, chunk_size)  # (2B,) each
     # The denominator sums the positive and the negatives: logaddexp(negative, positive).
-    return (torch.logaddexp(negative, positive) - positive).mean()
+    loss = (torch.logaddexp(negative, positive) - positive).mean()
+    # Gradient scale: google-research/simclr's objective is the sum of the two directions' batch means, 2x this
+    # mean, and its LARS recipe was tuned with that gradient (LARS's trust ratio hides a constant factor from the
+    # weights, but biases and BN parameters take plain momentum steps proportional to it). So: the value is the
+    # mean (comparable logs), the gradient that of 2x the mean.
+    return 2 * loss - loss.detach()
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -54,7 +54,7 @@ class SogCLRLoss(nn.Module):
     code, written for every image of the global batch on every rank so that u stays
     identical everywhere. The returned value is mean_{i,k} [ -s(x_i^k, x_i^o)/T + log u_i^k ],
     the moving-average estimate of the global contrastive loss (minus the constant log of
-    the data set size); its gradient is the one above.
+    the data set size); its gradient is 2T x the one above, the official code's scale (see forward).
     u holds exp-sums directly, as in the paper, so in fp32 it overflows for T below about 0.011.
     """
 
@@ -76,7 +76,11 @@ class SogCLRLoss(nn.Module):
             b = z1.shape[0]
             u_all = common.gather_with_grad(u_new).view(-1, 2, b).mean(1).flatten()  # (BW,) view average
             self.u[common.gather_with_grad(index)] = u_all.to(self.u.dtype)
-        return value + surrogate - surrogate.detach()
+        # Gradient scale: the official surrogate (Optimization-AI/SogCLR, sogclr/builder.py,
+        # dynamic_contrastive_loss; LibAUC's GCLoss_v1) is built on raw cosine similarities, without 1/T, and
+        # sums the two views' terms: its gradient is 2T x the formula's. The paper's recipe (LARS, 0.075 sqrt(B))
+        # was tuned with it, and LARS hides the factor from weights but not from biases and BN parameters.
+        return value + 2 * self.temperature * (surrogate - surrogate.detach())
 
 
 

@@ -100,6 +100,28 @@ def test_info_nce_matches_naive_loop(n, d, temperature):
     value, (g1, g2) = grads(lambda a, b: info_nce_loss(a, b, temperature), z1, z2)
     ref, (r1, r2) = grads(lambda a, b: naive_info_nce(a, b, temperature), z1, z2)
     torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g1, 2 * r1, rtol=1e-9, atol=1e-12)  # the value is the mean, the gradient 2x its
+    torch.testing.assert_close(g2, 2 * r2, rtol=1e-9, atol=1e-12)
+
+
+def test_info_nce_gradient_is_google_research_simclr():
+    """The gradient equals that of google-research/simclr's objective: for each direction (view 1 anchors against
+    view 2 + the other view-1 images, and back) the batch mean of the cross-entropy, the two summed."""
+    g = torch.Generator().manual_seed(2)
+    z1, z2 = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+
+    def reference(a, b, t=0.2):
+        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+        n, masked = len(a), -1e9 * torch.eye(len(a), dtype=a.dtype)
+        labels = torch.arange(n)
+        ce = torch.nn.functional.cross_entropy
+        loss_a = ce(torch.cat([a @ b.T / t, a @ a.T / t + masked], 1), labels)  # logits_ab, logits_aa
+        loss_b = ce(torch.cat([b @ a.T / t, b @ b.T / t + masked], 1), labels)
+        return loss_a + loss_b
+
+    value, (g1, g2) = grads(lambda a, b: info_nce_loss(a, b, 0.2), z1, z2)
+    ref, (r1, r2) = grads(reference, z1, z2)
+    torch.testing.assert_close(value, ref / 2, rtol=1e-10, atol=1e-12)  # logged: the mean over the 2B anchors
     torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
 
@@ -146,8 +168,8 @@ def test_dcl_matches_naive_loop(n, temperature, sigma):
     value, (g1, g2) = grads(lambda a, b: dcl_loss(a, b, temperature, sigma), z1, z2)
     ref, (r1, r2) = grads(lambda a, b: naive_dcl(a, b, temperature, sigma), z1, z2)
     torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g1, 2 * r1, rtol=1e-9, atol=1e-12)  # SimCLR's scale: 2x the mean's gradient
+    torch.testing.assert_close(g2, 2 * r2, rtol=1e-9, atol=1e-12)
 
 
 def test_dcl_analytic_and_weights():
@@ -165,11 +187,11 @@ def test_flatnce_value_is_info_nce_and_gradient_is_dcl():
     ref_value = naive_info_nce(z1, z2, 0.1)
     _, (r1, r2) = grads(lambda a, b: naive_dcl(a, b, 0.1), z1, z2)
     torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g1, 2 * r1, rtol=1e-9, atol=1e-12)  # SimCLR's scale: 2x the mean's gradient
+    torch.testing.assert_close(g2, 2 * r2, rtol=1e-9, atol=1e-12)
     # ... and not InfoNCE's gradient, which carries the extra factor from the positive.
     _, (i1, _) = grads(lambda a, b: naive_info_nce(a, b, 0.1), z1, z2)
-    assert not torch.allclose(g1, i1)
+    assert not torch.allclose(g1, 2 * i1)
 
 
 def test_flatnce_logs_positive_probability():
@@ -199,10 +221,42 @@ def test_sogclr_matches_naive_loop_over_three_steps():
         _, ref_value, ref_u = naive_sogclr(z1, z2, index, u_before, 0.2, 0.9)
         _, (r1, r2) = grads(lambda a, b: naive_sogclr(a, b, index, u_before, 0.2, 0.9)[0], z1, z2)
         assert math.isclose(value.item(), ref_value, rel_tol=1e-10), step
-        torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g1, 2 * 0.2 * r1, rtol=1e-9, atol=1e-12)  # the official scale: 2T x the formula
+        torch.testing.assert_close(g2, 2 * 0.2 * r2, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(loss_fn.u, ref_u, rtol=1e-12, atol=0)
     assert (loss_fn.u[[6, 7, 8]] == 0).all() and (loss_fn.u[[0, 1, 2, 3, 4, 5, 9]] > 0).all()
+
+
+def test_sogclr_gradient_is_the_official_codes():
+    """The gradient equals that of the official surrogate (Optimization-AI/SogCLR, sogclr/builder.py,
+    dynamic_contrastive_loss), written here from its equations: raw cosine logits (no 1/T) against [other
+    view, same view without itself], detached weights exp(logit/T)/u_i per negative, the two views' terms
+    summed, the batch mean. With u already filled (not a first visit) both update u the same way."""
+    g = torch.Generator().manual_seed(8)
+    n, t, gamma = 5, 0.2, 0.9
+    z1, z2 = torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randn(n, 6, generator=g, dtype=torch.float64)
+    u0 = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    index = torch.arange(n)
+
+    def official(a, b):
+        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+        eye = torch.eye(n, dtype=torch.bool)
+        total = 0.0
+        for x, y in ((a, b), (b, a)):
+            logits = torch.cat([x @ y.T, x @ x.T], 1)  # (n, 2n): [other view, same view]
+            neg = torch.cat([~eye, ~eye], 1).to(a.dtype)  # the positive (column i) and itself (column n + i) out
+            e = torch.exp(logits / t) * neg
+            u = (1 - gamma) * u0[:, None] + gamma * e.sum(1, keepdim=True) / (2 * (n - 1))
+            weights = (e / u).detach()
+            total = total - (logits.diagonal() - (weights * logits).sum(1) / (2 * (n - 1)))
+        return total.mean()
+
+    loss_fn = SogCLRLoss(n, temperature=t, gamma=gamma).double()
+    loss_fn.u.copy_(u0)
+    _, (g1, g2) = grads(lambda a, b: loss_fn(a, b, index), z1, z2)
+    _, (r1, r2) = grads(official, z1, z2)
+    torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- DDP == one process
@@ -324,7 +378,7 @@ def test_polyview_matches_naive_loop(objective, m, n, temperature):
     value, (g,) = grads(lambda x: polyview_loss(x, temperature, objective), z)
     ref, (r,) = grads(lambda x: naive_polyview(x, temperature, objective), z)
     torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g, m * r, rtol=1e-9, atol=1e-12)  # SimCLR's scale: M x the mean's gradient
 
 
 @pytest.mark.parametrize("objective", ["geometric", "arithmetic", "multicrop"])
