@@ -8,6 +8,9 @@
     python bench.py pipeline --data fashion-mnist --arch resnet18 --batch 32
     python bench.py reproduce --dry-run                   # the README's results grid: commands
     python bench.py reproduce --plot results.png          # run it (resumable), table + figure
+    python bench.py gpu --dry-run                         # the GPU session's parts, what each measures, budgets
+    python bench.py gpu --json $OUT/bench-gpu.json        # all of them in one run on a GPU machine, fail-soft
+    python bench.py gpu --toy                             # every part at tiny sizes on the CPU (the test)
 
 `loss`: InfoNCE forward + backward on `views` random 128-d projections (views / 2 images,
 every view an anchor against all views, as on one GPU): the dense path (the baseline: the
@@ -44,15 +47,36 @@ under runs/reproduce/, skipped when its log already holds a linear top-1, so an 
 grid resumes. Prints a markdown table of linear and kNN top-1 (mean +- std over seeds) with
 the wall time of each cell; --plot PATH draws accuracy against batch size (needs matplotlib,
 the only place this repository uses it).
+`gpu`: everything only a GPU can tell, each with its baseline, in one command meant to take under 8
+minutes on one H100: `pipeline` (ResNet-50, B 256, synthetic JPEGs, compile off then on), `pipeline-fmnist`
+(resnet18 at B 32 and 256), `loss` (8k to 256k views), `spectral` (1.28M embeddings) and `train-<method>`:
+each method script's main() in this process, one epoch of 10,240 Fashion-MNIST images at B 256 (the
+384 synthetic images at B 64 if the copy is missing), no kNN, a 1-epoch probe; images/s is the median
+of the logged rates after the first, peak memory torch.cuda.max_memory_allocated over the whole run.
+Each part has a time budget (SIGALRM; the budgets add up to 450 s and are guesses, not measurements):
+a part that raises, exits or runs over is recorded as failed with its error and the next one runs.
+After every part the JSON (--json) is rewritten: the hardware line, then per part name, status,
+seconds, error and results; a summary table ends the run. --parts runs a subset. Fashion-MNIST
+must travel with the working tree: `mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz
+data/fashion-mnist/` here (data/ is git-ignored, 30 MB), then the device tool's run with
+carry=["data/fashion-mnist"], command `python bench.py gpu --json $OUT/bench-gpu.json`, timeout_s 600.
+--fmnist-dir names another folder. --toy shrinks every part (resnet18, B 4 to 16, 1 step, 512 views,
+2048 embeddings, 16 synthetic images) to check the plumbing, not to measure.
 """
 import argparse
+import functools
+import gc
 import json
 import os
 import re
 import resource
+import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +147,7 @@ def bench_loss(args):
     print(f"InfoNCE forward + backward, D=128, fp32, {name}, torch {torch.__version__}, tile {args.chunk}")
     print(f"{'views':>8} {'dense ms':>10} {'dense MiB':>10} {'tiled ms':>10} {'tiled MiB':>10} "
           f"{'time x':>7} {'mem x':>7} {'tiled TFLOP/s':>14}")
+    rows = []
     for n in sizes:
         dense, tiled = measure(n, "dense", device, args.chunk), measure(n, "chunked", device, args.chunk)
         ok = not isinstance(dense, str) and not isinstance(tiled, str)
@@ -132,6 +157,10 @@ def bench_loss(args):
         ratio_m = f"{tiled[1] / max(dense[1], 1):.3f}" if ok else "-"
         tflops = "-" if isinstance(tiled, str) else f"{3 * 2 * n * n * 128 / tiled[0] / 1e12:.2f}"
         print(f"{n:>8} {d_ms:>10} {d_mib:>10} {t_ms:>10} {t_mib:>10} {ratio_t:>7} {ratio_m:>7} {tflops:>14}", flush=True)
+        ms, mib = (lambda r: r if isinstance(r, str) else r[0] * 1e3), (lambda r: r if isinstance(r, str) else r[1] / 2**20)
+        rows.append(dict(views=n, dense_ms=ms(dense), dense_mib=mib(dense), tiled_ms=ms(tiled), tiled_mib=mib(tiled),
+                         tiled_tflops=None if isinstance(tiled, str) else 3 * 2 * n * n * 128 / tiled[0] / 1e12))
+    return dict(device=name, chunk=args.chunk, rows=rows)
 
 
 def bench_spectral(args):
@@ -147,9 +176,11 @@ def bench_spectral(args):
     batches = common.spectral_batches(z1, z2, 256, 0.1, 40, torch.Generator().manual_seed(2))
     if device == "cuda":
         torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"spectral_batches: {n} x 128 embeddings, B 256, 40 clusters per chunk, {name}, torch {torch.__version__}: "
-          f"{time.perf_counter() - start:.1f} s for {len(batches)} batches")
+          f"{seconds:.1f} s for {len(batches)} batches")
+    return dict(device=name, n=n, seconds=seconds, batches=len(batches))
 
 
 def toy_run(mode, seed, n=32, epochs=30, lr=0.25, temperature=0.1):
@@ -269,7 +300,7 @@ def bench_pipeline(args):
         torchvision.utils.save_image(views.clamp(0, 1), args.save_grid, nrow=8, padding=2)
         print(f"wrote {args.save_grid}: 8 images; rows 1-2 their two views from (b), rows 3-4 from (c)")
         if not args.steps:
-            return
+            return dict(grid=args.save_grid)
 
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile or ("both" if device.type == "cuda" else "off")]
     results = {}
@@ -293,8 +324,8 @@ def bench_pipeline(args):
         row = dict(a=timed(fixed(args.batch), step, args.warmup, args.steps, device),
                    b=timed(project(args.batch), step, args.warmup, args.steps, device),
                    c=timed(baseline(args.batch), step, args.warmup, args.steps, device))
-        if args.batch != 256:
-            row["b256"] = timed(project(256), step, args.warmup, args.steps, device)
+        if args.batch != args.ref_batch:
+            row["b_ref"] = timed(project(args.ref_batch), step, args.warmup, args.steps, device)
         results[compiled] = row
     none = lambda views: None
     data_b = timed(project(args.batch), none, args.warmup, args.steps, device)
@@ -302,8 +333,11 @@ def bench_pipeline(args):
     print(f"{'compile':>8} {'(a) bound':>10} {'(b) ours':>10} {'(c) tv':>10} {'b/a':>6} {'b/c':>6}   views/s")
     for compiled, r in results.items():
         print(f"{'on' if compiled else 'off':>8} {r['a']:10.0f} {r['b']:10.0f} {r['c']:10.0f} {r['b'] / r['a']:6.2f} {r['b'] / r['c']:6.2f}"
-              + (f"   epoch time batch {args.batch} / batch 256: {r['b256'] / r['b']:.2f}" if "b256" in r else ""))
+              + (f"   epoch time batch {args.batch} / batch {args.ref_batch}: {r['b_ref'] / r['b']:.2f}" if "b_ref" in r else ""))
+        r.update(b_over_a=r["b"] / r["a"], b_over_c=r["b"] / r["c"], **({"epoch_ratio": r["b_ref"] / r["b"]} if "b_ref" in r else {}))
     print(f"data only (no step): (b) {data_b:.0f}  (c) {data_c:.0f}  views/s, b/c {data_b / data_c:.2f}")
+    return dict(data=root, images=len(train), arch=args.arch, batch=args.batch, ref_batch=args.ref_batch, views_per_s={
+        "on" if c else "off": r for c, r in results.items()}, data_only_b=data_b, data_only_c=data_c)
 
 
 GRID = (("SimCLR", "simclr.py", []), ("SogCLR", "sogclr.py", []), ("DCL", "dcl.py", []),
@@ -314,8 +348,6 @@ GRID = (("SimCLR", "simclr.py", []), ("SogCLR", "sogclr.py", []), ("DCL", "dcl.p
 
 
 def bench_reproduce(args):
-    import statistics
-
     rows = []
     for name, script, flags in GRID:
         for batch in map(int, args.batches.split(",")):
@@ -379,9 +411,161 @@ def bench_reproduce(args):
         print(f"wrote {args.plot}")
 
 
-def main():
+FMNIST_FILES = [f"{p}-{k}-idx{d}-ubyte.gz" for p in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
+METHODS = ("simclr", "sogclr", "dcl", "flatnce", "polyview")
+
+
+def fmnist_problem(root):
+    """Why Fashion-MNIST cannot be read from `root`, or None. Checked here: common would otherwise try a
+    download, which the GPU machine cannot do."""
+    missing = [f for f in FMNIST_FILES if not os.path.isfile(os.path.join(root, f))]
+    return (f"no {missing[0]} in {root}: mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz "
+            "data/fashion-mnist/ here, carry data/fashion-mnist to the GPU machine, or set --fmnist-dir") if missing else None
+
+
+def train_run(script, flags, out):
+    """One in-process run of a method script (its main() reads sys.argv): images/s from its log.jsonl and
+    the peak GPU memory of the whole run (training and the 1-epoch probe)."""
+    module = __import__(script)
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{script}-") as d:  # fresh: a checkpoint there would resume
+        argv, sys.argv = sys.argv, [script + ".py", *map(str, flags), "--out-dir", d]
+        out["argv"] = sys.argv[1:-2]
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            module.main()
+        finally:
+            sys.argv = argv
+        records = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
+    rates = [r["img_per_s"] for r in records if "img_per_s" in r]
+    # the first logged rate includes cudnn autotuning and allocator warm-up
+    out.update(img_per_s=statistics.median(rates[1:] or rates), img_per_s_logged=rates,
+               peak_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+               linear_top1=[r["linear_top1"] for r in records if "linear_top1" in r][-1])
+
+
+def gpu_parts(args):
+    """[(name, what it measures, budget in s, fn(out))]: fn fills `out`, so a part that fails midway keeps
+    what it measured. The GPU budgets add up to 450 s; the estimates behind them are untested guesses."""
+    toy, fm = args.toy, not fmnist_problem(common.DEBIAN_FMNIST)
+    cli = lambda *a: parser().parse_args([str(x) for x in a])
+    steps = ("--warmup", 0, "--steps", 1) if toy else ("--warmup", 5, "--steps", 20)
+    compiles = ("off",) if toy else ("off", "on")  # separate calls: a slow compile loses only its own rows
+
+    def pipeline(out):
+        sizes = ("--data", jpeg_folder(16, "data/bench-jpeg-toy"), "--arch", "resnet18", "--batch", 4,
+                 "--ref-batch", 4, "--workers", 1) if toy else ()
+        for c in compiles:
+            out[c] = bench_pipeline(cli("pipeline", *sizes, *steps, "--compile", c))
+
+    def pipeline_fmnist(out):
+        if fmnist_problem(common.DEBIAN_FMNIST):
+            raise FileNotFoundError(fmnist_problem(common.DEBIAN_FMNIST))
+        sizes = ("--batch", 8, "--ref-batch", 16, "--workers", 1) if toy else ("--batch", 32)
+        for c in compiles:
+            out[c] = bench_pipeline(cli("pipeline", "--data", "fashion-mnist", "--arch", "resnet18", *sizes, *steps, "--compile", c))
+
+    if toy:
+        data = ("--data", "synthetic", "--subset", 16, "--batch", 8, "--workers", 0, "--log-every", 1, "--lin-batch", 8)
+    elif fm:  # 40 steps at B 256, a rate logged every 10
+        data = ("--data", "fashion-mnist", "--subset", 10240, "--batch", 256, "--workers", 8, "--log-every", 10, "--lin-batch", 256)
+    else:  # no Fashion-MNIST copy: the 384 synthetic images, 6 steps of 64
+        data = ("--data", "synthetic", "--batch", 64, "--workers", 8, "--log-every", 2, "--lin-batch", 64)
+    flags = data + ("--arch", "resnet18", "--epochs", 1, "--warmup-epochs", 1, "--knn-every", 0, "--lin-epochs", 1)
+    views, n = ("512", 2048) if toy else ("", 1_281_167)
+    parts = [("pipeline", f"{'resnet18 B 4' if toy else 'ResNet-50 B 256'} views/s: compute bound (a), our data path (b), "
+              f"torchvision (c); compile {', '.join(compiles)}", 190, pipeline),
+             ("pipeline-fmnist", f"Fashion-MNIST resnet18 B {8 if toy else 32} views/s (a, b, c) and epoch time over "
+              f"B {16 if toy else 256}'s; compile {', '.join(compiles)}", 80, pipeline_fmnist),
+             ("loss", f"InfoNCE fwd+bwd, dense vs tiled, {views or '8k to 256k'} views: ms, MiB, TFLOP/s", 45,
+              lambda out: out.update(bench_loss(cli("loss", *(("--views", views) if views else ()))))),
+             ("spectral", f"spectral_batches over {n} x 128 embeddings: seconds", 45,
+              lambda out: out.update(bench_spectral(cli("spectral", "--views", n))))]
+    parts += [(f"train-{m}", f"{m}.py, 1 epoch of {data[1]} at B {data[data.index('--batch') + 1]}: img/s, peak MiB", 18,
+               functools.partial(train_run, m, flags)) for m in METHODS]
+    return [(name, what, 120 if toy else budget, fn) for name, what, budget, fn in parts]  # toy: slack for shared CPUs
+
+
+def run_part(name, budget, fn):
+    """Fail-soft: an exception (SystemExit too) or going over `budget` seconds (SIGALRM, so only between
+    Python bytecodes: a hung CUDA kernel is not interrupted) marks the part failed; the rest still runs."""
+    def over(signum, frame):
+        raise TimeoutError(f"over its {budget} s budget")
+
+    out, error, trace = {}, None, None
+    old = signal.signal(signal.SIGALRM, over)
+    tick = time.perf_counter()
+    try:
+        try:
+            signal.alarm(budget)
+            fn(out)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    except (Exception, SystemExit) as e:
+        lines = str(e).strip().splitlines()
+        error, trace = f"{type(e).__name__}: {lines[-1] if lines else ''}", traceback.format_exc()
+        print(f"part {name} failed: {trace}", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - tick
+    gc.collect()  # a failed part's tensors, held by its frames, would shrink the next part's GPU memory
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return dict(name=name, status="failed" if error else "ok", seconds=seconds, budget_s=budget, error=error,
+                traceback=trace, results=out)
+
+
+def headline(part):
+    r = part["results"]
+    if part["name"].startswith("pipeline"):
+        return "  ".join(f"compile {c}: a {v['a']:.0f} b {v['b']:.0f} c {v['c']:.0f}" + (
+            f" epoch x {v['epoch_ratio']:.2f}" if "epoch_ratio" in v else "") for c in r for v in [r[c]["views_per_s"][c]])
+    if part["name"] == "loss":
+        return "  ".join(f"{x['views']}: tiled {x['tiled_ms']:.1f} ms" if isinstance(x["tiled_ms"], float) else
+                         f"{x['views']}: {x['tiled_ms']}" for x in r["rows"][-2:])
+    if part["name"] == "spectral":
+        return f"{r['n']}: {r['seconds']:.1f} s, {r['batches']} batches"
+    return f"{r['img_per_s']:.0f} img/s, peak {r['peak_mib'] or 0:.0f} MiB, linear {r['linear_top1']:.1f}%"
+
+
+def bench_gpu(args):
+    # Fashion-MNIST is found only at common.DEBIAN_FMNIST (the GPU machine has no Debian package and no
+    # internet); common.py is not bench's to change, so point that constant at the copy and drop the cache.
+    default = "data/fashion-mnist" if os.path.isdir("data/fashion-mnist") else common.DEBIAN_FMNIST
+    common.DEBIAN_FMNIST = os.path.abspath(args.fmnist_dir or default)
+    common.base_datasets.cache_clear()
+    parts = gpu_parts(args)
+    chosen = args.parts.split(",") if args.parts else [name for name, *_ in parts]
+    unknown = set(chosen) - {name for name, *_ in parts}
+    if unknown:
+        sys.exit(f"error: --parts {','.join(sorted(unknown))}: no such part; choose from {', '.join(n for n, *_ in parts)}")
+    parts = [p for p in parts if p[0] in chosen]
+    if args.dry_run:
+        for name, what, budget, _ in parts:
+            print(f"{name:>16} {budget:>4} s  {what}")
+        print(f"{'total':>16} {sum(p[2] for p in parts):>4} s  at most; Fashion-MNIST from {common.DEBIAN_FMNIST}")
+        return
+    if not args.toy and not torch.cuda.is_available():
+        sys.exit("error: no GPU visible; use --toy for the CPU sizes, or --dry-run to list the parts")
+    cuda = torch.cuda.is_available()
+    report = dict(hardware=dict(device=torch.cuda.get_device_name() if cuda else "CPU", torch=torch.__version__,
+                                cuda=torch.version.cuda, cpus=os.cpu_count()), toy=args.toy, parts=[])
+    print(json.dumps(report["hardware"]), flush=True)
+    for name, what, budget, fn in parts:
+        print(f"\n== {name} ({budget} s budget): {what}", flush=True)
+        report["parts"].append(run_part(name, budget, fn))
+        with open(args.json + ".tmp", "w") as f:  # after every part: a run killed later keeps what it measured
+            json.dump(report, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+    print(f"\n{'part':>16} {'status':>7} {'s':>6}  result")
+    for p in report["parts"]:
+        print(f"{p['name']:>16} {p['status']:>7} {p['seconds']:6.1f}  {p['error'] or headline(p)}")
+    print(f"wrote {args.json}")
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("loss", "loss-one", "spectral", "spectral-toy", "pipeline", "reproduce"))
+    p.add_argument("what", choices=("loss", "loss-one", "spectral", "spectral-toy", "pipeline", "reproduce", "gpu"))
     p.add_argument("--views", default=None, help="comma-separated view counts (loss-one: one number)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--chunk", type=int, default=4096, help="tile size of the chunked path")
@@ -390,6 +574,7 @@ def main():
     p.add_argument("--images", type=int, default=5000, help="pipeline: synthetic JPEGs to make")
     p.add_argument("--arch", default="resnet50", choices=common.ARCHS)
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--ref-batch", type=int, default=256, help="pipeline: the batch whose epoch time --batch's is compared with")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--steps", type=int, default=50, help="pipeline: timed steps (0 with --save-grid: the grid only)")
     p.add_argument("--warmup", type=int, default=10)
@@ -401,10 +586,21 @@ def main():
     p.add_argument("--temperature", type=float, default=0.1, help="reproduce: T of every method")
     p.add_argument("--subset", type=int, default=0, help="reproduce: training images (0: all)")
     p.add_argument("--runs", default="runs/reproduce", help="reproduce: where the runs go")
-    p.add_argument("--dry-run", action="store_true", help="reproduce: print the commands only")
+    p.add_argument("--dry-run", action="store_true", help="reproduce: print the commands only; gpu: list the parts")
     p.add_argument("--plot", default=None, help="reproduce: write accuracy against batch size to this PNG")
-    args = p.parse_args()
-    if args.what == "reproduce":
+    p.add_argument("--toy", action="store_true", help="gpu: every part at tiny sizes (CPU, tests)")
+    p.add_argument("--parts", default=None, help="gpu: comma-separated parts to run (default: all)")
+    p.add_argument("--fmnist-dir", default=None, help="gpu: folder of Fashion-MNIST's 4 idx .gz files "
+                   "(default: data/fashion-mnist if there, else " + common.DEBIAN_FMNIST + ")")
+    p.add_argument("--json", default="bench-gpu.json", help="gpu: where the results go")
+    return p
+
+
+def main():
+    args = parser().parse_args()
+    if args.what == "gpu":
+        bench_gpu(args)
+    elif args.what == "reproduce":
         bench_reproduce(args)
     elif args.what == "pipeline":
         bench_pipeline(args)

@@ -434,6 +434,47 @@ def test_fashion_mnist_offline_end_to_end(tmp_path):
     assert log_records(out)[-1]["linear_top1"] > 30  # well above chance (10%) over all 10,000 test images
 
 
+def test_bench_gpu_toy_runs_every_part_and_fails_soft(tmp_path):
+    """`bench.py gpu --toy` on the CPU: every part ok in the JSON with positive rates; a missing Fashion-MNIST
+    copy fails that part alone, with the fix named; --dry-run lists the parts within 8 minutes and runs nothing."""
+    fmnist = next((d for d in (os.path.join(HERE, "data", "fashion-mnist"), FMNIST) if os.path.isdir(d)), None)
+    out, bad = str(tmp_path / "toy.json"), str(tmp_path / "no-fmnist")
+    p = run("bench.py", "gpu", "--toy", "--json", out, "--fmnist-dir", fmnist or bad)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.load(open(out))
+    assert report["hardware"]["device"] == "CPU" and report["hardware"]["cpus"] > 0
+    parts = {x["name"]: x for x in report["parts"]}
+    trains = ["train-" + m for m in ("simclr", "sogclr", "dcl", "flatnce", "polyview")]
+    assert list(parts) == ["pipeline", "pipeline-fmnist", "loss", "spectral"] + trains
+    for name, x in parts.items():
+        assert x["status"] == "ok" or (name == "pipeline-fmnist" and not fmnist), (name, x["error"], x["traceback"])
+    assert all(parts["pipeline"]["results"]["off"]["views_per_s"]["off"][k] > 0 for k in "abc")
+    if fmnist:
+        fm = parts["pipeline-fmnist"]["results"]["off"]
+        assert fm["images"] == 60000 and all(fm["views_per_s"]["off"][k] > 0 for k in ("a", "b", "c", "b_ref", "epoch_ratio"))
+    row, = parts["loss"]["results"]["rows"]
+    assert row["views"] == 512 and row["dense_ms"] > 0 and row["tiled_ms"] > 0
+    assert parts["spectral"]["results"]["seconds"] > 0 and parts["spectral"]["results"]["batches"] == 2048 // 256
+    for name in trains:
+        r = parts[name]["results"]
+        assert r["img_per_s"] > 0 and len(r["img_per_s_logged"]) == 2 and 0 <= r["linear_top1"] <= 100, (name, r)
+    assert "wrote " + out in p.stdout
+
+    p = run("bench.py", "gpu", "--toy", "--parts", "pipeline-fmnist,spectral", "--fmnist-dir", bad, "--json", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    failed, spectral = json.load(open(out))["parts"]
+    assert failed["status"] == "failed" and failed["results"] == {}, failed
+    assert failed["error"].startswith("FileNotFoundError: no train-images-idx3-ubyte.gz in " + bad), failed["error"]
+    assert "carry data/fashion-mnist" in failed["error"]
+    assert spectral["status"] == "ok" and spectral["results"]["batches"] == 8
+
+    dry = str(tmp_path / "dry.json")
+    p = run("bench.py", "gpu", "--dry-run", "--json", dry)
+    assert p.returncode == 0 and not os.path.exists(dry), p.stderr[-3000:]
+    assert all(name in p.stdout for name in parts)
+    assert int(re.search(r"total +(\d+) s", p.stdout).group(1)) < 480
+
+
 if __name__ == "__main__":
     if sys.argv[1:] != ["--fix-copies"]:
         sys.exit("usage: python test_scripts.py --fix-copies   (the tests run with python -m pytest)")
