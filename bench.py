@@ -173,14 +173,14 @@ def bench_spectral(args):
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    batches = common.spectral_batches(z1, z2, 256, 0.1, 40, torch.Generator().manual_seed(2))
+    batches, residual = common.spectral_batches(z1, z2, 256, 0.1, 40, torch.Generator().manual_seed(2))
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"spectral_batches: {n} x 128 embeddings, B 256, 40 clusters per chunk, {name}, torch {torch.__version__}: "
-          f"{seconds:.1f} s for {len(batches)} batches")
-    return dict(device=name, n=n, seconds=seconds, batches=len(batches))
+          f"{seconds:.1f} s for {len(batches)} batches, largest eigen-residual {residual:.1e} (tolerance {common.EIG_TOL:g})")
+    return dict(device=name, n=n, seconds=seconds, batches=len(batches), eig_residual=residual)
 
 
 def toy_run(mode, seed, n=32, epochs=30, lr=0.25, temperature=0.1):
@@ -195,7 +195,7 @@ def toy_run(mode, seed, n=32, epochs=30, lr=0.25, temperature=0.1):
         if mode == "random":
             batches = torch.randperm(n, generator=g).view(-1, 2)
         else:
-            batches = common.spectral_batches(u.detach(), v.detach(), 2, temperature, n // 2, g)
+            batches, _ = common.spectral_batches(u.detach(), v.detach(), 2, temperature, n // 2, g)
         for b in batches:
             opt.zero_grad()
             info_nce_loss(u[b], v[b], temperature).backward()

@@ -59,12 +59,20 @@ def polyview_loss(z, temperature=0.1, objective="geometric", chunk_size=None):
     every view of the other samples. Per anchor (i, a):
       geometric:  -1/(M-1) sum_{b != a} log p_iab   (GPVC: -log of the geometric mean)
       arithmetic: -log 1/(M-1) sum_{b != a} p_iab   (APVC: -log of the arithmetic mean;
-                  never above geometric, by Jensen)
+                  never above geometric, by Jensen). Which reading: the paper's text was not
+                  reachable from this project (no network; the search index holds its abstract
+                  only), so this is the reading its name states. The public re-implementation of
+                  its appendix pseudo-code (pakoromilas/Multi-View-CL, models/losses.py, PVCLoss,
+                  e446c10) computes logsumexp_b(-log p_iab) - log B = log mean_b(1/p_iab) + const:
+                  -log of the harmonic mean, never below geometric, weighting the hardest target
+                  where this one weights the easiest. Check against the paper before relying on it.
       multicrop:  the baseline: mean over b != a of NT-Xent on views a and b alone, whose
                   candidates also hold the anchor's own view a of the other samples;
       sufficient: -log softmax_k( s(i^a, t_k^a)/T ) at k = i, with t_k^a the normalised
                   mean of sample k's views other than a (the sample's sufficient-statistic
                   estimate; excluding view a keeps the positive from containing the anchor).
+                  Also this project's reading, not checked against the paper's equation (above):
+                  the anchor is one view, the target and the candidates are leave-one-out means.
     With M = 2 the first three are NT-Xent (simclr.info_nce_loss); sufficient is not.
     z: (M, B, D) raw projections of this rank, fp32 or fp64.
     chunk_size: None computes the logits densely while they are small and in exact tiles
@@ -498,11 +506,15 @@ def spectral_epoch(model, train_set, meta, epoch, args):
     batches = torch.empty(len(train_set) // args.batch, args.batch, dtype=torch.long, device=z.device)
     if rank() == 0:
         g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-        batches = torch.stack(common.spectral_batches(z[:, 0], z[:, 1], args.batch, args.temperature, args.sc_clusters, g))
+        batches, residual = common.spectral_batches(z[:, 0], z[:, 1], args.batch, args.temperature, args.sc_clusters, g)
+        batches = torch.stack(batches)
         random = torch.randperm(len(z), generator=g)[:batches.numel()].view_as(batches)
         log_line(args.out_dir, dict(epoch=epoch + 1, spectral_batch_loss=in_batch_loss(z, batches, args.temperature),
                                     random_batch_loss=in_batch_loss(z, random, args.temperature),
-                                    spectral_seconds=time.time() - tick))
+                                    spectral_eig_residual=residual, spectral_seconds=time.time() - tick))
+        if residual > common.EIG_TOL:
+            print(f"warning: spectral eigenvectors not converged (residual {residual:.1e} > {common.EIG_TOL:g}); "
+                  "the batches are from the best subspace found")
     if world() > 1:
         dist.broadcast(batches, 0)
     return batches.cpu()

@@ -463,11 +463,15 @@ def spectral_epoch(model, train_set, meta, epoch, args):
     batches = torch.empty(len(train_set) // args.batch, args.batch, dtype=torch.long, device=z.device)
     if rank() == 0:
         g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-        batches = torch.stack(common.spectral_batches(z[:, 0], z[:, 1], args.batch, args.temperature, args.sc_clusters, g))
+        batches, residual = common.spectral_batches(z[:, 0], z[:, 1], args.batch, args.temperature, args.sc_clusters, g)
+        batches = torch.stack(batches)
         random = torch.randperm(len(z), generator=g)[:batches.numel()].view_as(batches)
         log_line(args.out_dir, dict(epoch=epoch + 1, spectral_batch_loss=in_batch_loss(z, batches, args.temperature),
                                     random_batch_loss=in_batch_loss(z, random, args.temperature),
-                                    spectral_seconds=time.time() - tick))
+                                    spectral_eig_residual=residual, spectral_seconds=time.time() - tick))
+        if residual > common.EIG_TOL:
+            print(f"warning: spectral eigenvectors not converged (residual {residual:.1e} > {common.EIG_TOL:g}); "
+                  "the batches are from the best subspace found")
     if world() > 1:
         dist.broadcast(batches, 0)
     return batches.cpu()

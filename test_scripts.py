@@ -276,6 +276,7 @@ def test_method_trains_resumes_evaluates(tmp_path, script, flags, nproc):
     if "spectral" in flags:  # Cho et al.'s measure is logged at every rebuild, for both kinds of batch
         hard = [r for r in log_records(out) if "spectral_batch_loss" in r]
         assert len(hard) == 2 and all(r["random_batch_loss"] > 0 for r in hard)
+        assert all(0 <= r["spectral_eig_residual"] <= 1e-4 for r in hard)  # the solver's convergence, per rebuild
 
 
 @pytest.mark.parametrize("batching", [[], ["--batching", "spectral", "--sc-every", "2", "--sc-clusters", "2"]])
