@@ -4,6 +4,7 @@
     python bench.py loss --device cpu --views 2048,4096,8192
     python bench.py spectral                              # 1.28M x 128 on GPU, 50k on CPU
     python bench.py spectral-toy                          # the paper's synthetic experiment
+    python bench.py spectral-deviations                   # the official code's spectral choices, one at a time
     python bench.py pipeline                              # ResNet-50, B 256, synthetic JPEG folder
     python bench.py pipeline --data fashion-mnist --arch resnet18 --batch 32
     python bench.py reproduce --dry-run                   # the README's results grid: commands
@@ -30,6 +31,9 @@ training log (`spectral_seconds` includes it).
 `spectral-toy`: Cho et al.'s synthetic experiment: N trainable pairs (u_i, v_i) in d = 2N,
 batches of B = 2, SGD; the full-batch loss after the same number of steps with random and
 with spectral batches, over three seeds.
+`spectral-deviations`: the mean in-batch InfoNCE of the batches (Cho et al.'s measure of hardness) in the
+spectral tests' three synthetic settings, for this code and with each of the official code's choices in its
+place, over three clustering seeds (bench.official_style_batches; the Hungarian rows need scipy).
 `pipeline`: views/s of a SimCLR training step (forward, loss, backward, LARS) fed three ways:
 (a) the compute bound, the same step on random views already on the device; (b) the
 project's data path (common.augmented_batches: workers decode and crop JPEGs, the device does
@@ -67,6 +71,7 @@ import argparse
 import functools
 import gc
 import json
+import math
 import os
 import re
 import resource
@@ -209,6 +214,83 @@ def bench_spectral_toy(args):
     for mode in ("random", "spectral"):
         losses = [toy_run(mode, seed) for seed in range(3)]
         print(f"{mode:>9}: " + "  ".join(f"{x:.3f}" for x in losses) + f"   mean {sum(losses) / 3:.3f}")
+
+
+def official_style_batches(z1, z2, b, temperature, clusters, g, sqrt_degree=False, hungarian=False, exact=False,
+                           one_run=False):
+    """common.spectral_batches, written out again with any of the official code's choices swapped in (krafton-ai/
+    mini-batch-cl, utils.py, on scikit-learn 0.23 / scipy 1.5): spectral_embedding divides the eigenvectors by
+    sqrt(degree) and does not normalise rows; linear_sum_assignment matches onto B copies of each centre
+    (Hungarian). exact: torch.linalg.eigh instead of the iterative solver (ARPACK's converged answer). one_run: one
+    k-means++ run, not 10 (this code before 2026-12-04 ran one Lloyd from random rows). All False: the same
+    batches as common.spectral_batches."""
+    u, v = (F.normalize(z.float(), dim=1) / temperature ** 0.5 for z in (z1, z2))
+    order, batches = torch.randperm(len(u), generator=g), []
+    for start in range(0, len(u) - b + 1, clusters * b):
+        idx = order[start:start + clusters * b]
+        k = len(idx) // b
+        idx = idx[:k * b]
+        if k == 1:
+            batches.append(idx)
+            continue
+        uc, vc = u[idx], v[idx]
+        pos = (uc * vc).sum(1, keepdim=True)
+        a = F.softplus(uc @ vc.T - pos + math.log(b - 1)) + F.softplus(vc @ uc.T - pos + math.log(b - 1))
+        a = (a + a.T).fill_diagonal_(float("-inf"))
+        log_d = a.logsumexp(1)
+        s = torch.exp(a - log_d[:, None] / 2 - log_d[None, :] / 2)
+        q = torch.linalg.eigh(s.double()).eigenvectors[:, -k:].float() if exact else common._top_eigenvectors(s, k, g)[0]
+        emb = q * torch.exp(-log_d / 2)[:, None] if sqrt_degree else F.normalize(q, dim=1)
+        dist = torch.cdist(emb, common._kmeans(emb, k, g, restarts=1 if one_run else 10))
+        if hungarian:
+            from scipy.optimize import linear_sum_assignment  # here only: scipy is no dependency
+
+            assign = torch.as_tensor(linear_sum_assignment(dist.repeat_interleave(b, 1).double().numpy())[1] // b)
+        else:
+            assign = common._equal_size_assign(dist, b)
+        batches += list(idx[assign.argsort(stable=True)].view(k, b))
+    return [batches[i] for i in torch.randperm(len(batches), generator=g)]
+
+
+def deviation_settings():
+    """The spectral tests' three settings (test_losses.py): name, z1, z2, B, clusters per chunk."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(200, 32, generator=g)
+    z1 = centres[torch.randint(0, 200, (2560,), generator=g)] + 0.7 * torch.randn(2560, 32, generator=g)
+    yield "loose 200-cluster mixture, B 64", z1, z1 + 0.3 * torch.randn(2560, 32, generator=g), 64, 40
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 128, generator=g)
+    z1 = centres[torch.randint(0, 10, (1280,), generator=g)] + torch.randn(1280, 128, generator=g)
+    yield "flat spectrum, 10 classes, B 32", z1, z1 + 0.5 * torch.randn(1280, 128, generator=g), 32, 40
+    g = torch.Generator().manual_seed(2)
+    z1 = torch.randn(16, 32, generator=g).repeat_interleave(32, 0) + 0.3 * torch.randn(512, 32, generator=g)
+    yield "16 clustered Gaussians, B 32", z1, z1 + 0.3 * torch.randn(512, 32, generator=g), 32, 16
+
+
+def bench_spectral_deviations(args):
+    variants = [("this code", {}), ("exact eigenvectors (ARPACK's answer)", dict(exact=True)),
+                ("/ sqrt(degree), no row normalisation", dict(exact=True, sqrt_degree=True)),
+                ("one k-means run, not 10", dict(exact=True, one_run=True)),
+                ("Hungarian equal-size matching", dict(exact=True, hungarian=True)),
+                ("official: both", dict(exact=True, sqrt_degree=True, hungarian=True))]
+    print(f"mean in-batch InfoNCE (T 0.1) over clustering seeds 0, 1, 2; higher is harder; CPU, {os.cpu_count()} cores")
+    table = {}
+    for name, z1, z2, b, clusters in deviation_settings():
+        print(f"\n{name}, {len(z1)} pairs, {clusters} clusters per chunk")
+        loss = lambda batches: sum(info_nce_loss(z1[r], z2[r], 0.1).item() for r in batches) / len(batches)
+        rows = [("random", [loss(torch.randperm(len(z1), generator=torch.Generator().manual_seed(s))[:len(z1) // b * b]
+                                 .view(-1, b)) for s in range(3)])]
+        for label, flags in variants:
+            try:
+                rows.append((label, [loss(official_style_batches(z1, z2, b, 0.1, clusters, torch.Generator().manual_seed(s),
+                                                                 **flags)) for s in range(3)]))
+            except ImportError:
+                rows.append((label, "needs scipy (pip install scipy)"))
+        for label, values in rows:
+            shown = values if isinstance(values, str) else "  ".join(f"{x:.4f}" for x in values) + f"   mean {sum(values) / 3:.4f}"
+            print(f"{label:>40}: {shown}")
+        table[name] = dict(rows)
+    return table
 
 
 def torchvision_transform(meta):
@@ -565,7 +647,7 @@ def bench_gpu(args):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("loss", "loss-one", "spectral", "spectral-toy", "pipeline", "reproduce", "gpu"))
+    p.add_argument("what", choices=("loss", "loss-one", "spectral", "spectral-toy", "spectral-deviations", "pipeline", "reproduce", "gpu"))
     p.add_argument("--views", default=None, help="comma-separated view counts (loss-one: one number)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--chunk", type=int, default=4096, help="tile size of the chunked path")
@@ -610,6 +692,8 @@ def main():
         bench_spectral(args)
     elif args.what == "spectral-toy":
         bench_spectral_toy(args)
+    elif args.what == "spectral-deviations":
+        bench_spectral_deviations(args)
     else:
         seconds, peak = loss_step(int(args.views), args.mode, args.device or "cpu", args.chunk)
         print(json.dumps(dict(views=int(args.views), mode=args.mode, seconds=seconds, peak_extra_bytes=peak)))

@@ -542,15 +542,27 @@ def forward_views(net, views, precision="fp32"):
 # ----------------------------------------------------------------------------- hard mini-batches
 
 
-def _kmeans(x, k, generator, iters=25):
-    """Lloyd's k-means from k distinct random rows; returns the (k, D) centres."""
-    centres = x[torch.randperm(len(x), generator=generator)[:k].to(x.device)]
-    for _ in range(iters):
-        assign = torch.cdist(x, centres).argmin(1)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k)[:, None]
-        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an empty cluster keeps its centre
-    return centres
+def _kmeans(x, k, generator, restarts=10, iters=25):
+    """The (k, D) centres of the lowest-inertia of `restarts` runs of k-means++ seeding then Lloyd, as scikit-learn's
+    KMeans in the official code (n_init 10). D^2 sampling by Gumbel-max on uniforms from `generator`: no host sync."""
+    best, best_inertia = None, None
+    for _ in range(restarts):
+        gumbel = -(-torch.rand(k, len(x), generator=generator).to(x.device).log()).log()  # Gumbel(0, 1)
+        centres = x[gumbel[0].argmax()[None]]  # a 1-d index: a 0-d one would sync the host
+        for j in range(1, k):
+            d2 = torch.cdist(x, centres).amin(1).square()
+            centres = torch.cat([centres, x[(d2.log() - gumbel[j]).argmax()[None]]])
+        for _ in range(iters):
+            assign = torch.cdist(x, centres).argmin(1)
+            sums = torch.zeros_like(centres).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=k)[:, None]
+            centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an empty cluster keeps its centre
+        inertia = torch.cdist(x, centres).amin(1).square().sum()
+        if best is None or restarts == 1:
+            best, best_inertia = centres, inertia
+        else:  # torch.where, not `if`: no host sync
+            best, best_inertia = torch.where(inertia < best_inertia, centres, best), torch.minimum(inertia, best_inertia)
+    return best
 
 
 def _equal_size_assign(dist, size):
@@ -615,11 +627,12 @@ def spectral_batches(z1, z2, batch_size, temperature=0.1, clusters=40, generator
     batch_size images. Per shuffled chunk of clusters x B, with u, v the normalised embeddings over sqrt(T),
     A_ij = log(1 + (B-1) exp(u_i.v_j - u_i.v_i)) + log(1 + (B-1) exp(v_i.u_j - u_i.v_i)) approximates the loss
     i and j add when they share a batch; W = exp(A + A^T). The `clusters` bottom eigenvectors of W's normalised
-    Laplacian, rows normalised, are split by k-means, then into clusters of exactly B: batches of pairs hard for
-    each other. A last partial chunk gets as many clusters as it holds whole batches. Returns (batches, the
-    largest eigen-residual of any chunk: converged if <= EIG_TOL). Deviations from the official code (krafton-ai/
-    mini-batch-cl): it embeds with sklearn's spectral_embedding (ARPACK), divides by sqrt(degree) and does not
-    normalise rows; it runs k-means++ with restarts and Hungarian matching; it embeds in train mode."""
+    Laplacian, rows normalised, are split by k-means (k-means++, 10 restarts), then into clusters of exactly B:
+    batches of pairs hard for each other. A last partial chunk gets as many clusters as it holds whole batches.
+    Returns (batches, the largest eigen-residual of any chunk: converged if <= EIG_TOL). Deviations from the
+    official code (krafton-ai/mini-batch-cl), each measured by `bench.py spectral-deviations`: ARPACK there, an
+    iterative solver here; it divides by sqrt(degree), not row normalisation; Hungarian matching there, greedy
+    here (_equal_size_assign); it embeds in train mode (the script's spectral_epoch: eval mode)."""
     b = batch_size
     u, v = (F.normalize(z.float(), dim=1) / math.sqrt(temperature) for z in (z1, z2))
     order = torch.randperm(len(u), generator=generator).to(u.device)
@@ -644,7 +657,7 @@ def spectral_batches(z1, z2, batch_size, temperature=0.1, clusters=40, generator
         q, res = _top_eigenvectors(s, k, generator)
         residual = max(residual, res)
         # Row normalisation (Ng, Jordan and Weiss); rotation-invariant for k-means. Deviation: the official code
-        # (sklearn's spectral_embedding) divides by sqrt(degree) instead; k-means++ with restarts there, Lloyd here.
+        # (sklearn's spectral_embedding) divides by sqrt(degree) instead.
         emb = F.normalize(q, dim=1)
         assign = _equal_size_assign(torch.cdist(emb, _kmeans(emb, k, generator)), b)
         batches += list(idx[assign.argsort(stable=True)].view(k, b))

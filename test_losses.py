@@ -652,6 +652,33 @@ def test_spectral_batches_find_hard_batches_in_a_loose_mixture():
     assert mean_loss(spectral) > 3 * mean_loss(random), (mean_loss(spectral), mean_loss(random))
 
 
+def test_kmeans_keeps_the_lowest_inertia_of_its_restarts():
+    """k-means++ seeding + Lloyd, 10 restarts: finds three separated blobs' means, and returns exactly the centres
+    of the lowest-inertia run among the 10 single runs drawn from the same generator stream."""
+    g = torch.Generator().manual_seed(0)
+    blobs = torch.randn(300, 2, generator=g) + torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0]]).repeat(100, 1)
+    centres = common._kmeans(blobs, 3, torch.Generator().manual_seed(1))
+    assert torch.cdist(centres, torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0]])).amin(0).max() < 0.5
+    x = torch.randn(500, 4, generator=g)
+    stream = torch.Generator().manual_seed(3)  # its best run is the 4th: neither the first nor the last
+    runs = [common._kmeans(x, 20, stream, restarts=1) for _ in range(10)]
+    inertia = [torch.cdist(x, c).amin(1).square().sum().item() for c in runs]
+    assert inertia.index(min(inertia)) not in (0, 9) and max(inertia) > min(inertia) * 1.01
+    best = common._kmeans(x, 20, torch.Generator().manual_seed(3), restarts=10)
+    assert torch.equal(best, runs[inertia.index(min(inertia))])
+
+
+def test_official_style_batches_with_no_swap_are_this_codes():
+    """bench.py spectral-deviations measures the official code's choices against a second copy of the pipeline:
+    with nothing swapped in, that copy must give exactly common.spectral_batches' batches."""
+    from bench import deviation_settings, official_style_batches
+
+    _, z1, z2, b, clusters = list(deviation_settings())[2]
+    ours, _ = common.spectral_batches(z1, z2, b, 0.1, clusters, torch.Generator().manual_seed(0))
+    copy = official_style_batches(z1, z2, b, 0.1, clusters, torch.Generator().manual_seed(0))
+    assert len(ours) == len(copy) and all(torch.equal(x, y) for x, y in zip(ours, copy))
+
+
 def test_spectral_eigenvectors_converge_on_a_flat_spectrum(monkeypatch):
     """10 classes in d 128, B 32, 40 clusters: eigenvalues 40 and 41 of the chunk's normalised adjacency differ
     by 5e-4, where 30 steps of plain subspace iteration reached principal-angle cosines of 0.64 on average with
