@@ -5,6 +5,7 @@
     python bench.py spectral                              # 1.28M x 128 on GPU, 50k on CPU
     python bench.py spectral-toy                          # the paper's synthetic experiment
     python bench.py spectral-deviations                   # the official code's spectral choices, one at a time
+    python bench.py mechanisms --plot q_vs_batch.png      # what each method changes, measured (README's tables)
     python bench.py pipeline                              # ResNet-50, B 256, synthetic JPEG folder
     python bench.py pipeline --data fashion-mnist --arch resnet18 --batch 32
     python bench.py reproduce --dry-run                   # the README's results grid: commands
@@ -34,6 +35,14 @@ with spectral batches, over three seeds.
 `spectral-deviations`: the mean in-batch InfoNCE of the batches (Cho et al.'s measure of hardness) in the
 spectral tests' three synthetic settings, for this code and with each of the official code's choices in its
 place, over three clustering seeds (bench.official_style_batches; the Hungarian rows need scipy).
+`mechanisms`: the mechanism each paper names, measured in minutes on a CPU (toy scale, not the papers' accuracy
+claims). 1: q = 1 - p+ per anchor (InfoNCE's gradient is q x DCL's, and FlatNCE's gradient is DCL's) for B 16 to 512
+at T 0.1 and 0.5, on two views of --q-images Fashion-MNIST test images from a random resnet18 and from a pretrained
+one (--checkpoint, or SimCLR trained here on --pretrain-images for --pretrain-epochs at B 128, the quick start's
+recipe on fewer images); --plot draws q against B (needs matplotlib). 2: Cho et al.'s synthetic setting (64
+trainable pairs, d 128, T 0.1) for every two-view method at B 2 to 16 and an equal --toy-steps SGD steps, 3 seeds:
+the exact full-batch InfoNCE and global contrastive objective at the end. 3: from the same SogCLR runs, the relative
+error of u_i and of the batch estimate g_i against the exact full-data mean, per quarter of training.
 `pipeline`: views/s of a SimCLR training step (forward, loss, backward, LARS) fed three ways:
 (a) the compute bound, the same step on random views already on the device; (b) the
 project's data path (common.augmented_batches: workers decode and crop JPEGs, the device does
@@ -291,6 +300,222 @@ def bench_spectral_deviations(args):
             print(f"{label:>40}: {shown}")
         table[name] = dict(rows)
     return table
+
+
+# ----------------------------------------------------------------------------- mechanisms
+
+
+def q_values(z1, z2, temperature):
+    """q = 1 - p+ per anchor (2B,), p+ InfoNCE's softmax probability of the positive within the batch: per anchor,
+    InfoNCE's gradient is q x DCL's (and FlatNCE's), so q is the coupling that DCL removes."""
+    _, positive, negative = common.two_view_terms(z1, z2, temperature, 0)
+    return torch.sigmoid(negative - positive)  # exp(neg) / (exp(neg) + exp(pos))
+
+
+@torch.no_grad()
+def embed_test_views(model, n, seed, root="./data"):
+    """Projections (n, 128) of two augmented views of the first n Fashion-MNIST test images, as the loss sees them in
+    training: the training augmentation, BN in train mode over 512 views at a time (a copy: the model is unchanged)."""
+    _, val, meta = common.base_datasets("fashion-mnist", root)
+    images = torch.utils.data.TensorDataset(val.tensors[0][:n], val.tensors[1][:n])
+    net, z = __import__("copy").deepcopy(model).train(), []
+    torch.manual_seed(seed)
+    for views, _ in common.augmented_batches(images, meta, torch.arange(n).view(-1, 256), 2, 0, torch.device("cpu")):
+        z.append(common.forward_views(net, views))
+    return [torch.cat(zv) for zv in zip(*z)]
+
+
+def q_table(z1, z2, sizes, temperatures, seed=0):
+    """{(T, B): (mean, 10th, 90th percentile) of q} over all 2n anchors, the n images cut at random into n / B batches."""
+    g, out = torch.Generator().manual_seed(seed), {}
+    for b in sizes:
+        rows = torch.randperm(len(z1), generator=g)[:len(z1) // b * b].view(-1, b)
+        for t in temperatures:
+            q = torch.cat([q_values(z1[r], z2[r], t) for r in rows])
+            out[t, b] = (q.mean().item(), *torch.quantile(q, torch.tensor([0.1, 0.9])).tolist())
+    return out
+
+
+def short_pretraining(subset, epochs, out_dir):
+    """SimCLR as the quick start trains it (simclr.pretrain, its flags), on fewer images: the model after it."""
+    import simclr
+
+    args = simclr.get_parser().parse_args(["--data", "fashion-mnist", "--arch", "resnet18", "--subset", str(subset),
+                                           "--batch", "128", "--epochs", str(epochs), "--warmup-epochs", "0.5",
+                                           "--workers", "0", "--knn-every", "0", "--out-dir", out_dir])
+    simclr.check_args(args)
+    args.n_views = 2
+    device = simclr.setup(args)
+    train_set, meta = common.train_dataset(args.data, args.data_root, args.subset, args.seed, 2)
+    model = common.make_model(args.arch, meta["size"], meta["channels"], device)
+    simclr.pretrain(args, model, train_set, meta, None)
+    return model
+
+
+def toy_objectives(u, v, temperature):
+    """The exact full-data objectives of N pairs, written out from their definitions on the dense 2N x 2N matrix
+    (apart from the losses, which the test checks them against): InfoNCE, the mean over the 2N anchors of
+    -log(exp(s_ip/T) / sum_{k != i} exp(s_ik/T)); SogCLR's global contrastive objective (the paper's eq. 3, in units
+    of 1/T), the mean of -s_ip/T + log(mean_{k not i, p} exp(s_ik/T)); and that exact mean per anchor, (2N,), the
+    value u_i estimates."""
+    n = len(u)
+    z = F.normalize(torch.cat([u, v]), dim=1)
+    s = z @ z.T / temperature
+    rows = torch.arange(2 * n)
+    partner = (rows + n) % (2 * n)
+    s_pos = s[rows, partner]
+    others = s.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    info_nce = (others.logsumexp(1) - s_pos).mean()
+    log_u = others.index_put((rows, partner), torch.tensor(float("-inf"), dtype=s.dtype)).logsumexp(1) - math.log(2 * n - 2)
+    return info_nce.item(), (log_u - s_pos).mean().item(), log_u.exp()
+
+
+def mechanism_run(method, b, seed, steps, n=64, lr=0.5, temperature=0.1, gamma=None):
+    """Cho et al.'s synthetic setting for every two-view method: N trainable pairs (u_i, v_i) in d = 2N, `steps` SGD
+    steps at batch b on `method`'s loss, each loss's gradient rescaled to that of its formula's mean over anchors (the
+    scripts' losses carry their reference code's factor: 2 for SimCLR, DCL, FlatNCE, 2T for SogCLR). Returns the
+    exact full-batch InfoNCE and global contrastive objective at the end, and for SogCLR the mean relative error,
+    per step, of u_i^k (the moving average the gradient uses) and of g_i^k (the batch estimate) against the exact
+    full-data mean that both estimate, at the same parameters."""
+    from dcl import dcl_loss
+    from flatnce import flatnce_loss
+    from sogclr import SogCLRLoss
+
+    g = torch.Generator().manual_seed(seed)
+    u, v = (torch.randn(n, 2 * n, generator=g).requires_grad_() for _ in range(2))
+    opt = torch.optim.SGD([u, v], lr=lr)
+    sog = SogCLRLoss(n, temperature, gamma) if method == "sogclr" else None
+    errors, done = [], 0
+    while done < steps:  # epochs; the last one may stop midway: every batch size gets `steps` steps
+        if method == "simclr-spectral":
+            batches, _ = common.spectral_batches(u.detach(), v.detach(), b, temperature, n // b, g)
+        else:
+            batches = torch.randperm(n, generator=g)[:n // b * b].view(-1, b)
+        for idx in batches[:steps - done]:
+            z1, z2 = u[idx], v[idx]
+            if sog is not None:
+                with torch.no_grad():  # the estimates the step is about to use, and the exact value
+                    exact = toy_objectives(u, v, temperature)[2][torch.cat([idx, idx + n])]
+                    u_old = sog.u[idx].repeat(2)
+                    g_batch = torch.exp(common.two_view_terms(z1, z2, temperature)[2] - math.log(2 * b - 2))
+                    u_new = torch.where(u_old == 0, g_batch, (1 - gamma) * u_old + gamma * g_batch)  # first visit: g
+                loss = sog(z1, z2, idx) / (2 * temperature)
+                # the loss's own state after the step is the view average of the u_new above: a check on this copy
+                assert torch.allclose(sog.u[idx], u_new.view(2, b).mean(0), rtol=1e-5), "u_new differs from SogCLRLoss's"
+                errors.append((((u_new - exact).abs() / exact).mean().item(), ((g_batch - exact).abs() / exact).mean().item()))
+            elif method == "dcl":
+                loss = dcl_loss(z1, z2, temperature) / 2
+            elif method == "flatnce":
+                loss = flatnce_loss(z1, z2, temperature) / 2
+            else:
+                loss = info_nce_loss(z1, z2, temperature) / 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+    with torch.no_grad():
+        return (*toy_objectives(u, v, temperature)[:2], errors)
+
+
+MECHANISMS = (("SimCLR, random batches", "simclr", None), ("SimCLR, spectral batches", "simclr-spectral", None),
+              ("DCL", "dcl", None), ("FlatNCE", "flatnce", None), ("SogCLR, gamma 0.9", "sogclr", 0.9),
+              ("SogCLR, gamma 0.1", "sogclr", 0.1))
+
+
+def bench_mechanisms(args):
+    hardware = f"CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    report = dict(hardware=hardware, command="python " + " ".join(sys.argv))
+    start = time.time()
+    # 1. q = 1 - p+ on Fashion-MNIST test images
+    sizes, temperatures, n = (16, 32, 64, 128, 256, 512), (0.1, 0.5), args.q_images
+    torch.manual_seed(0)
+    meta = common.base_datasets("fashion-mnist", "./data")[2]
+    backbones = [("random init", common.make_model("resnet18", meta["size"], meta["channels"], torch.device("cpu")))]
+    if args.checkpoint:
+        model = common.make_model("resnet18", meta["size"], meta["channels"], torch.device("cpu"))
+        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model"])
+        backbones.append((f"pretrained ({args.checkpoint})", model))
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-mechanisms-") as d:
+            label = f"pretrained here: SimCLR, {args.pretrain_images} images, {args.pretrain_epochs} epochs at B 128"
+            backbones.append((label, short_pretraining(args.pretrain_images, args.pretrain_epochs, d)))
+    print(f"\n1. q = 1 - p+ (InfoNCE's factor on DCL's gradient) over the {2 * n} anchors of {n} Fashion-MNIST test "
+          f"images' two views, resnet18 projections; mean [10th, 90th percentile]; {hardware}")
+    print(f"{'backbone':>60} {'T':>4} " + " ".join(f"{'B ' + str(b):>18}" for b in sizes))
+    report["q"] = []
+    for label, model in backbones:
+        z1, z2 = embed_test_views(model, n, seed=1)
+        table = q_table(z1, z2, sizes, temperatures)
+        for t in temperatures:
+            print(f"{label:>60} {t:>4} " + " ".join(f"{'%.3f [%.2f, %.2f]' % table[t, b]:>18}" for b in sizes))
+            report["q"].append(dict(backbone=label, temperature=t, **{str(b): table[t, b] for b in sizes}))
+    print(f"({time.time() - start:.0f} s so far)")
+    # 2. and 3. the synthetic setting at equal steps
+    seeds, batch_sizes = range(3), (2, 4, 8, 16)
+    print(f"\n2. N 64 pairs, d 128, T 0.1, SGD lr 0.5 on each formula's mean gradient, {args.toy_steps} steps at every "
+          f"batch size, seeds 0-2: the exact full-batch InfoNCE / global contrastive objective at the end, mean +- std")
+    print(f"{'method':>26} " + " ".join(f"{'B ' + str(b):>26}" for b in batch_sizes))
+    report["toy"], errors = [], {}
+    for label, method, gamma in MECHANISMS:
+        cells = []
+        for b in batch_sizes:
+            runs = [mechanism_run(method, b, s, args.toy_steps, gamma=gamma) for s in seeds]
+            info, gcl = ([r[i] for r in runs] for i in (0, 1))
+            cells.append((statistics.mean(info), statistics.stdev(info), statistics.mean(gcl), statistics.stdev(gcl)))
+            if method == "sogclr":
+                errors[gamma, b] = torch.stack([torch.tensor(r[2]) for r in runs]).mean(0)  # (steps, 2), seed mean
+        print(f"{label:>26} " + " ".join(f"{'%.3f+-%.3f / %.3f+-%.3f' % c:>26}" for c in cells))
+        report["toy"].append(dict(method=label, **{str(b): c for b, c in zip(batch_sizes, cells)}))
+    g = torch.Generator().manual_seed(0)
+    init = toy_objectives(*(torch.randn(64, 128, generator=g) for _ in range(2)), 0.1)[:2]
+    # The minimum of both over the sphere: the 64 pairs at the corners of a regular simplex, every other cosine -1/63.
+    floor = math.log1p(126 * math.exp((-1 / 63 - 1) / 0.1)), -1 / 0.1 + (-1 / 63) / 0.1
+    print("seed 0's initialisation: %.3f / %.3f; the minimum (a regular simplex): %.3f / %.3f" % (*init, *floor))
+    lrs = (0.5, 2, 5, 20)
+    print(f"learning rate, B 2, seed 0 (the table's lr is 0.5): " + "   ".join(
+        f"lr {lr}: SimCLR %.3f, DCL %.3f" % (mechanism_run("simclr", 2, 0, args.toy_steps, lr=lr)[0],
+                                             mechanism_run("dcl", 2, 0, args.toy_steps, lr=lr)[0]) for lr in lrs))
+    print(f"({time.time() - start:.0f} s so far)")
+    windows = 4
+    print(f"\n3. SogCLR: mean relative error of u_i (moving average) and g_i (batch estimate) against the exact "
+          f"full-data mean, per quarter of the {args.toy_steps} steps, seeds 0-2 averaged")
+    report["estimator"] = []
+    for (gamma, b), e in sorted(errors.items()):
+        if b not in (4, 16):
+            continue
+        q = [w.mean(0).tolist() for w in e.chunk(windows)]
+        print(f"gamma {gamma} B {b:>2}: " + "   ".join(f"u {a:.3f} g {c:.3f}" for a, c in q))
+        report["estimator"].append(dict(gamma=gamma, batch=b, quarters=q))
+    print(f"\nbench mechanisms took {time.time() - start:.0f} s; {hardware}")
+    if args.plot:
+        plot_q(report["q"], sizes, args.plot)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def plot_q(rows, sizes, path):
+    """q against batch size, mean and the 10th-90th percentile band, one line per backbone and T."""
+    import matplotlib  # here only: matplotlib is no dependency
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        mean, lo, hi = zip(*(r[str(b)] for b in sizes))
+        line, = ax.plot(sizes, mean, marker="o", label=f"{r['backbone'].split(':')[0]}, T {r['temperature']}")
+        ax.fill_between(sizes, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="batch size B (images)", ylabel="q = 1 - p+ (mean, 10th-90th percentile)", ylim=(0, 1.02),
+           title="InfoNCE's gradient factor on Fashion-MNIST test images")
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.minorticks_off()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def torchvision_transform(meta):
@@ -611,6 +836,7 @@ def headline(part):
 
 
 def bench_gpu(args):
+    args.json = args.json or "bench-gpu.json"
     # Fashion-MNIST is found only at common.DEBIAN_FMNIST (the GPU machine has no Debian package and no
     # internet); common.py is not bench's to change, so point that constant at the copy and drop the cache.
     default = "data/fashion-mnist" if os.path.isdir("data/fashion-mnist") else common.DEBIAN_FMNIST
@@ -647,7 +873,7 @@ def bench_gpu(args):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("loss", "loss-one", "spectral", "spectral-toy", "spectral-deviations", "pipeline", "reproduce", "gpu"))
+    p.add_argument("what", choices=("loss", "loss-one", "spectral", "spectral-toy", "spectral-deviations", "mechanisms", "pipeline", "reproduce", "gpu"))
     p.add_argument("--views", default=None, help="comma-separated view counts (loss-one: one number)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--chunk", type=int, default=4096, help="tile size of the chunked path")
@@ -669,12 +895,19 @@ def parser():
     p.add_argument("--subset", type=int, default=0, help="reproduce: training images (0: all)")
     p.add_argument("--runs", default="runs/reproduce", help="reproduce: where the runs go")
     p.add_argument("--dry-run", action="store_true", help="reproduce: print the commands only; gpu: list the parts")
-    p.add_argument("--plot", default=None, help="reproduce: write accuracy against batch size to this PNG")
+    p.add_argument("--plot", default=None, help="reproduce: write accuracy against batch size to this PNG; "
+                   "mechanisms: q against batch size")
+    p.add_argument("--q-images", type=int, default=1024, help="mechanisms: Fashion-MNIST test images embedded for q")
+    p.add_argument("--checkpoint", default=None, help="mechanisms: a simclr.py checkpoint.pt (resnet18, fashion-mnist) "
+                   "as the pretrained backbone, e.g. the quick start's runs/demo/checkpoint.pt (default: train one here)")
+    p.add_argument("--pretrain-images", type=int, default=2048, help="mechanisms: images of the short pretraining")
+    p.add_argument("--pretrain-epochs", type=int, default=2, help="mechanisms: its epochs at B 128")
+    p.add_argument("--toy-steps", type=int, default=2048, help="mechanisms: SGD steps of every synthetic run")
     p.add_argument("--toy", action="store_true", help="gpu: every part at tiny sizes (CPU, tests)")
     p.add_argument("--parts", default=None, help="gpu: comma-separated parts to run (default: all)")
     p.add_argument("--fmnist-dir", default=None, help="gpu: folder of Fashion-MNIST's 4 idx .gz files "
                    "(default: data/fashion-mnist if there, else " + common.DEBIAN_FMNIST + ")")
-    p.add_argument("--json", default="bench-gpu.json", help="gpu: where the results go")
+    p.add_argument("--json", default=None, help="gpu (default bench-gpu.json), mechanisms: where the results go")
     return p
 
 
@@ -694,6 +927,8 @@ def main():
         bench_spectral_toy(args)
     elif args.what == "spectral-deviations":
         bench_spectral_deviations(args)
+    elif args.what == "mechanisms":
+        bench_mechanisms(args)
     else:
         seconds, peak = loss_step(int(args.views), args.mode, args.device or "cpu", args.chunk)
         print(json.dumps(dict(views=int(args.views), mode=args.mode, seconds=seconds, peak_extra_bytes=peak)))

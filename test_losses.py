@@ -723,6 +723,44 @@ def test_spectral_batching_trains_the_synthetic_pairs_faster():
         assert toy_run("spectral", seed) < toy_run("random", seed) - 0.1
 
 
+def test_mechanisms_q_is_one_minus_p_pos_and_infonce_gradient_is_q_times_dcl():
+    """bench.py mechanisms, part 1: q per anchor against a loop over the anchors; and what makes q the coupling,
+    per anchor: the gradient of InfoNCE's term with respect to that anchor's logits is q x DCL's."""
+    from bench import q_values
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2, t = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(5, 8, generator=g, dtype=torch.float64), 0.3
+    views = [v / v.norm() for v in list(z1) + list(z2)]
+    naive = []
+    for i in range(10):
+        e = [torch.exp(torch.dot(views[i], views[k]) / t) for k in range(10)]
+        naive.append(1 - e[(i + 5) % 10] / sum(e[k] for k in range(10) if k != i))
+    torch.testing.assert_close(q_values(z1, z2, t), torch.stack(naive), rtol=1e-12, atol=1e-12)
+    logits = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)  # [positive, 8 negatives]
+    info, = torch.autograd.grad(logits.logsumexp(0) - logits[0], logits)
+    dcl, = torch.autograd.grad(logits[1:].logsumexp(0) - logits[0], logits)
+    q = 1 - torch.softmax(logits.detach(), 0)[0]
+    torch.testing.assert_close(info, q * dcl, rtol=1e-12, atol=1e-12)
+
+
+def test_mechanisms_exact_objectives_equal_the_losses_on_the_full_batch():
+    """bench.py mechanisms, part 2-3: its exact full-data InfoNCE and global contrastive objective (and u's exact
+    value) are the scripts' own losses with the whole data as the batch."""
+    from bench import toy_objectives
+
+    g = torch.Generator().manual_seed(1)
+    n, t = 12, 0.2
+    u, v = torch.randn(n, 2 * n, generator=g, dtype=torch.float64), torch.randn(n, 2 * n, generator=g, dtype=torch.float64)
+    info, gcl, exact_u = toy_objectives(u, v, t)
+    assert math.isclose(info, info_nce_loss(u, v, t).item(), rel_tol=1e-12)
+    assert math.isclose(info, naive_info_nce(u, v, t).item(), rel_tol=1e-12)
+    assert math.isclose(gcl, dcl_loss(u, v, t).item() - math.log(2 * n - 2), rel_tol=1e-12)
+    sog = SogCLRLoss(n, temperature=t, gamma=0.9).double()
+    index = torch.arange(n)
+    assert math.isclose(gcl, sog(u, v, index).item(), rel_tol=1e-12)  # first visit: u = g, the full-batch mean
+    torch.testing.assert_close(sog.u, exact_u.view(2, n).mean(0), rtol=1e-12, atol=0)
+
+
 # ----------------------------------------------------------------------------- common
 
 

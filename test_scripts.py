@@ -7,6 +7,7 @@ The copied sections of the method files are still copies of simclr.py's.
 """
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -433,6 +434,30 @@ def test_fashion_mnist_offline_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(p.stdout))
     assert log_records(out)[-1]["linear_top1"] > 30  # well above chance (10%) over all 10,000 test images
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="Debian's dataset-fashion-mnist is not installed (see README)")
+def test_bench_mechanisms_runs_at_small_sizes(tmp_path):
+    """`bench.py mechanisms` end to end at small sizes (the README's tables come from its default sizes): every
+    table complete, q in [0, 1] with ordered percentiles, the pretrained backbone's q below the random one's at B 16,
+    T 0.1 (SimCLR pulls the positives together), the toy objectives finite, SogCLR's errors for B 4 and 16."""
+    out = str(tmp_path / "mech.json")
+    p = run("bench.py", "mechanisms", "--q-images", "512", "--pretrain-images", "512", "--pretrain-epochs", "2",
+            "--toy-steps", "16", "--json", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.load(open(out))
+    assert [(r["backbone"].split(" ")[0], r["temperature"]) for r in report["q"]] == [
+        ("random", 0.1), ("random", 0.5), ("pretrained", 0.1), ("pretrained", 0.5)]
+    for r in report["q"]:
+        for b in ("16", "32", "64", "128", "256", "512"):
+            mean, lo, hi = r[b]
+            assert 0 <= lo <= mean <= hi <= 1, (r["backbone"], b, r[b])
+    assert report["q"][2]["16"][0] < report["q"][0]["16"][0], report["q"]
+    assert [r["method"] for r in report["toy"]] == [
+        "SimCLR, random batches", "SimCLR, spectral batches", "DCL", "FlatNCE", "SogCLR, gamma 0.9", "SogCLR, gamma 0.1"]
+    assert all(math.isfinite(x) for r in report["toy"] for b in ("2", "4", "8", "16") for x in r[b])
+    assert [(r["gamma"], r["batch"]) for r in report["estimator"]] == [(0.1, 4), (0.1, 16), (0.9, 4), (0.9, 16)]
+    assert all(len(r["quarters"]) == 4 and min(min(w) for w in r["quarters"]) >= 0 for r in report["estimator"])
 
 
 def test_bench_gpu_toy_runs_every_part_and_fails_soft(tmp_path):
