@@ -77,6 +77,7 @@ carry=["data/fashion-mnist"], command `python bench.py gpu --json $OUT/bench-gpu
 2048 embeddings, 16 synthetic images) to check the plumbing, not to measure.
 """
 import argparse
+import copy
 import functools
 import gc
 import json
@@ -318,7 +319,7 @@ def embed_test_views(model, n, seed, root="./data"):
     training: the training augmentation, BN in train mode over 512 views at a time (a copy: the model is unchanged)."""
     _, val, meta = common.base_datasets("fashion-mnist", root)
     images = torch.utils.data.TensorDataset(val.tensors[0][:n], val.tensors[1][:n])
-    net, z = __import__("copy").deepcopy(model).train(), []
+    net, z = copy.deepcopy(model).train(), []
     torch.manual_seed(seed)
     for views, _ in common.augmented_batches(images, meta, torch.arange(n).view(-1, 256), 2, 0, torch.device("cpu")):
         z.append(common.forward_views(net, views))
@@ -428,12 +429,21 @@ def bench_mechanisms(args):
     start = time.time()
     # 1. q = 1 - p+ on Fashion-MNIST test images
     sizes, temperatures, n = (16, 32, 64, 128, 256, 512), (0.1, 0.5), args.q_images
+    if n < sizes[-1] or n % 256 or args.toy_steps < 4:
+        sys.exit("error: --q-images must be a multiple of 256 and at least 512 (the largest batch), --toy-steps at least 4")
     torch.manual_seed(0)
-    meta = common.base_datasets("fashion-mnist", "./data")[2]
+    try:
+        meta = common.base_datasets("fashion-mnist", "./data")[2]
+    except common.BadInput as e:
+        sys.exit(f"error: {e}")
     backbones = [("random init", common.make_model("resnet18", meta["size"], meta["channels"], torch.device("cpu")))]
     if args.checkpoint:
         model = common.make_model("resnet18", meta["size"], meta["channels"], torch.device("cpu"))
-        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model"])
+        try:
+            model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model"])
+        except Exception as e:
+            sys.exit(f"error: --checkpoint {args.checkpoint} is not a simclr.py checkpoint of resnet18 on fashion-mnist "
+                     f"({type(e).__name__}); give the quick start's runs/demo/checkpoint.pt, or leave --checkpoint out")
         backbones.append((f"pretrained ({args.checkpoint})", model))
     else:
         with tempfile.TemporaryDirectory(prefix="bench-mechanisms-") as d:
@@ -483,9 +493,9 @@ def bench_mechanisms(args):
     for (gamma, b), e in sorted(errors.items()):
         if b not in (4, 16):
             continue
-        q = [w.mean(0).tolist() for w in e.chunk(windows)]
-        print(f"gamma {gamma} B {b:>2}: " + "   ".join(f"u {a:.3f} g {c:.3f}" for a, c in q))
-        report["estimator"].append(dict(gamma=gamma, batch=b, quarters=q))
+        quarters = [w.mean(0).tolist() for w in e.chunk(windows)]
+        print(f"gamma {gamma} B {b:>2}: " + "   ".join(f"u {a:.3f} g {c:.3f}" for a, c in quarters))
+        report["estimator"].append(dict(gamma=gamma, batch=b, quarters=quarters))
     print(f"\nbench mechanisms took {time.time() - start:.0f} s; {hardware}")
     if args.plot:
         plot_q(report["q"], sizes, args.plot)

@@ -440,7 +440,8 @@ def test_fashion_mnist_offline_end_to_end(tmp_path):
 def test_bench_mechanisms_runs_at_small_sizes(tmp_path):
     """`bench.py mechanisms` end to end at small sizes (the README's tables come from its default sizes): every
     table complete, q in [0, 1] with ordered percentiles, the pretrained backbone's q below the random one's at B 16,
-    T 0.1 (SimCLR pulls the positives together), the toy objectives finite, SogCLR's errors for B 4 and 16."""
+    T 0.1 (SimCLR pulls the positives together), the toy objectives finite, SogCLR's errors for B 4 and 16; a missing
+    --checkpoint ends with one line."""
     out = str(tmp_path / "mech.json")
     p = run("bench.py", "mechanisms", "--q-images", "512", "--pretrain-images", "512", "--pretrain-epochs", "2",
             "--toy-steps", "16", "--json", out)
@@ -458,6 +459,9 @@ def test_bench_mechanisms_runs_at_small_sizes(tmp_path):
     assert all(math.isfinite(x) for r in report["toy"] for b in ("2", "4", "8", "16") for x in r[b])
     assert [(r["gamma"], r["batch"]) for r in report["estimator"]] == [(0.1, 4), (0.1, 16), (0.9, 4), (0.9, 16)]
     assert all(len(r["quarters"]) == 4 and min(min(w) for w in r["quarters"]) >= 0 for r in report["estimator"])
+    p = run("bench.py", "mechanisms", "--checkpoint", str(tmp_path / "missing.pt"))
+    assert p.returncode != 0 and p.stderr.strip().startswith("error: --checkpoint "), p.stderr[-3000:]
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
 
 
 def test_bench_gpu_toy_runs_every_part_and_fails_soft(tmp_path):
