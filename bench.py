@@ -323,7 +323,7 @@ def embed_test_views(model, n, seed, root="./data"):
     torch.manual_seed(seed)
     for views, _ in common.augmented_batches(images, meta, torch.arange(n).view(-1, 256), 2, 0, torch.device("cpu")):
         z.append(common.forward_views(net, views))
-    return [torch.cat(zv) for zv in zip(*z)]
+    return [torch.cat(zv).cpu() for zv in zip(*z)]  # on a GPU machine the pretrained model is on the GPU
 
 
 def q_table(z1, z2, sizes, temperatures, seed=0):
