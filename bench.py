@@ -41,8 +41,9 @@ at T 0.1 and 0.5, on two views of --q-images Fashion-MNIST test images from a ra
 one (--checkpoint, or SimCLR trained here on --pretrain-images for --pretrain-epochs at B 128, the quick start's
 recipe on fewer images); --plot draws q against B (needs matplotlib). 2: Cho et al.'s synthetic setting (64
 trainable pairs, d 128, T 0.1) for every two-view method at B 2 to 16 and an equal --toy-steps SGD steps, 3 seeds:
-the exact full-batch InfoNCE and global contrastive objective at the end. 3: from the same SogCLR runs, the relative
-error of u_i and of the batch estimate g_i against the exact full-data mean, per quarter of training.
+the exact full-batch InfoNCE and global contrastive objective at the end; 2b: a learning-rate sweep at B 2 (seed 0),
+with the vectors' final norm. 3: from the same SogCLR runs, the relative error of u_i and of the batch estimate g_i
+against the exact full-data mean, per quarter of training.
 `pipeline`: views/s of a SimCLR training step (forward, loss, backward, LARS) fed three ways:
 (a) the compute bound, the same step on random views already on the device; (b) the
 project's data path (common.augmented_batches: workers decode and crop JPEGs, the device does
@@ -307,8 +308,9 @@ def bench_spectral_deviations(args):
 
 
 def q_values(z1, z2, temperature):
-    """q = 1 - p+ per anchor (2B,), p+ InfoNCE's softmax probability of the positive within the batch: per anchor,
-    InfoNCE's gradient is q x DCL's (and FlatNCE's), so q is the coupling that DCL removes."""
+    """q = 1 - p+ per anchor (2B,), p+ InfoNCE's softmax probability of the positive within the batch. Per anchor,
+    InfoNCE's term is logaddexp(neg, pos) - pos and DCL's neg - pos (pos = s_ip/T, neg = log sum over N_i), so
+    d InfoNCE / d (pos, neg) = (-q, q) = q x d DCL / d (pos, neg): q is the coupling that DCL (and FlatNCE) removes."""
     _, positive, negative = common.two_view_terms(z1, z2, temperature, 0)
     return torch.sigmoid(negative - positive)  # exp(neg) / (exp(neg) + exp(pos))
 
@@ -316,7 +318,9 @@ def q_values(z1, z2, temperature):
 @torch.no_grad()
 def embed_test_views(model, n, seed, root="./data"):
     """Projections (n, 128) of two augmented views of the first n Fashion-MNIST test images, as the loss sees them in
-    training: the training augmentation, BN in train mode over 512 views at a time (a copy: the model is unchanged)."""
+    training: the training augmentation, BN in train mode (a copy: the model is unchanged). BN's statistics are over
+    512 views (256 images) at a time whatever the B of the table, those of a B 256 batch; regrouping the random
+    backbone's views by 32 (B 16) moved its q at B 16, T 0.1 from 0.928 to 0.921."""
     _, val, meta = common.base_datasets("fashion-mnist", root)
     images = torch.utils.data.TensorDataset(val.tensors[0][:n], val.tensors[1][:n])
     net, z = copy.deepcopy(model).train(), []
@@ -402,7 +406,8 @@ def mechanism_run(method, b, seed, steps, n=64, lr=0.5, temperature=0.1, gamma=N
                     u_new = torch.where(u_old == 0, g_batch, (1 - gamma) * u_old + gamma * g_batch)  # first visit: g
                 loss = sog(z1, z2, idx) / (2 * temperature)
                 # the loss's own state after the step is the view average of the u_new above: a check on this copy
-                assert torch.allclose(sog.u[idx], u_new.view(2, b).mean(0), rtol=1e-5), "u_new differs from SogCLRLoss's"
+                if not torch.allclose(sog.u[idx], u_new.view(2, b).mean(0), rtol=1e-5):
+                    raise RuntimeError("bench's copy of u's update differs from SogCLRLoss's")
                 errors.append((((u_new - exact).abs() / exact).mean().item(), ((g_batch - exact).abs() / exact).mean().item()))
             elif method == "dcl":
                 loss = dcl_loss(z1, z2, temperature) / 2
@@ -414,8 +419,8 @@ def mechanism_run(method, b, seed, steps, n=64, lr=0.5, temperature=0.1, gamma=N
             loss.backward()
             opt.step()
             done += 1
-    with torch.no_grad():
-        return (*toy_objectives(u, v, temperature)[:2], errors)
+    with torch.no_grad():  # and the mean norm of the free vectors: SGD grows it, which shrinks the step on the sphere
+        return (*toy_objectives(u, v, temperature)[:2], errors, torch.cat([u, v]).norm(dim=1).mean().item())
 
 
 MECHANISMS = (("SimCLR, random batches", "simclr", None), ("SimCLR, spectral batches", "simclr-spectral", None),
@@ -424,13 +429,15 @@ MECHANISMS = (("SimCLR, random batches", "simclr", None), ("SimCLR, spectral bat
 
 
 def bench_mechanisms(args):
-    hardware = f"CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    hardware = (f"{torch.cuda.get_device_name()} for the pretraining, else " if torch.cuda.is_available() else "") + \
+        f"CPU, {os.cpu_count()} cores, torch {torch.__version__}"
     report = dict(hardware=hardware, command="python " + " ".join(sys.argv))
     start = time.time()
     # 1. q = 1 - p+ on Fashion-MNIST test images
     sizes, temperatures, n = (16, 32, 64, 128, 256, 512), (0.1, 0.5), args.q_images
-    if n < sizes[-1] or n % 256 or args.toy_steps < 4:
-        sys.exit("error: --q-images must be a multiple of 256 and at least 512 (the largest batch), --toy-steps at least 4")
+    if not sizes[-1] <= n <= 9984 or n % 256 or args.toy_steps < 4:
+        sys.exit("error: --q-images must be a multiple of 256 from 512 (the largest batch) to 9984 (of the 10,000 test "
+                 "images), --toy-steps at least 4")
     torch.manual_seed(0)
     try:
         meta = common.base_datasets("fashion-mnist", "./data")[2]
@@ -451,13 +458,13 @@ def bench_mechanisms(args):
             backbones.append((label, short_pretraining(args.pretrain_images, args.pretrain_epochs, d)))
     print(f"\n1. q = 1 - p+ (InfoNCE's factor on DCL's gradient) over the {2 * n} anchors of {n} Fashion-MNIST test "
           f"images' two views, resnet18 projections; mean [10th, 90th percentile]; {hardware}")
-    print(f"{'backbone':>60} {'T':>4} " + " ".join(f"{'B ' + str(b):>18}" for b in sizes))
+    print(f"{'backbone':>60} {'T':>4} " + " ".join(f"{'B ' + str(b):>20}" for b in sizes))
     report["q"] = []
     for label, model in backbones:
         z1, z2 = embed_test_views(model, n, seed=1)
         table = q_table(z1, z2, sizes, temperatures)
         for t in temperatures:
-            print(f"{label:>60} {t:>4} " + " ".join(f"{'%.3f [%.2f, %.2f]' % table[t, b]:>18}" for b in sizes))
+            print(f"{label:>60} {t:>4} " + " ".join(f"{'%.3f [%.3f, %.3f]' % table[t, b]:>20}" for b in sizes))
             report["q"].append(dict(backbone=label, temperature=t, **{str(b): table[t, b] for b in sizes}))
     print(f"({time.time() - start:.0f} s so far)")
     # 2. and 3. the synthetic setting at equal steps
@@ -481,10 +488,19 @@ def bench_mechanisms(args):
     # The minimum of both over the sphere: the 64 pairs at the corners of a regular simplex, every other cosine -1/63.
     floor = math.log1p(126 * math.exp((-1 / 63 - 1) / 0.1)), -1 / 0.1 + (-1 / 63) / 0.1
     print("seed 0's initialisation: %.3f / %.3f; the minimum (a regular simplex): %.3f / %.3f" % (*init, *floor))
-    lrs = (0.5, 2, 5, 20)
-    print(f"learning rate, B 2, seed 0 (the table's lr is 0.5): " + "   ".join(
-        f"lr {lr}: SimCLR %.3f, DCL %.3f" % (mechanism_run("simclr", 2, 0, args.toy_steps, lr=lr)[0],
-                                             mechanism_run("dcl", 2, 0, args.toy_steps, lr=lr)[0]) for lr in lrs))
+    # The factor q acts like a per-anchor learning rate: how much of the gap does a tuned lr close? FlatNCE is left out:
+    # its gradient is DCL's, so its runs are DCL's.
+    lrs = (0.125, 0.5, 2, 8, 32, 128)
+    print(f"\n2b. learning rate at B 2, seed 0, {args.toy_steps} steps: full-batch InfoNCE / GCL (mean |u_i| at the end; "
+          f"it starts at 11.3)")
+    print(f"{'method':>26} " + " ".join(f"{'lr ' + str(lr):>22}" for lr in lrs))
+    report["lr"] = []
+    for label, method, gamma in MECHANISMS:
+        if method == "flatnce":
+            continue
+        runs = [mechanism_run(method, 2, 0, args.toy_steps, lr=lr, gamma=gamma) for lr in lrs]
+        print(f"{label:>26} " + " ".join(f"{'%.3f / %.2f (%.0f)' % (r[0], r[1], r[3]):>22}" for r in runs))
+        report["lr"].append(dict(method=label, **{str(lr): (r[0], r[1], r[3]) for lr, r in zip(lrs, runs)}))
     print(f"({time.time() - start:.0f} s so far)")
     windows = 4
     print(f"\n3. SogCLR: mean relative error of u_i (moving average) and g_i (batch estimate) against the exact "
@@ -493,7 +509,7 @@ def bench_mechanisms(args):
     for (gamma, b), e in sorted(errors.items()):
         if b not in (4, 16):
             continue
-        quarters = [w.mean(0).tolist() for w in e.chunk(windows)]
+        quarters = [w.mean(0).tolist() for w in torch.tensor_split(e, windows)]
         print(f"gamma {gamma} B {b:>2}: " + "   ".join(f"u {a:.3f} g {c:.3f}" for a, c in quarters))
         report["estimator"].append(dict(gamma=gamma, batch=b, quarters=quarters))
     print(f"\nbench mechanisms took {time.time() - start:.0f} s; {hardware}")

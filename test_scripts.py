@@ -457,6 +457,8 @@ def test_bench_mechanisms_runs_at_small_sizes(tmp_path):
     assert [r["method"] for r in report["toy"]] == [
         "SimCLR, random batches", "SimCLR, spectral batches", "DCL", "FlatNCE", "SogCLR, gamma 0.9", "SogCLR, gamma 0.1"]
     assert all(math.isfinite(x) for r in report["toy"] for b in ("2", "4", "8", "16") for x in r[b])
+    assert [r["method"] for r in report["lr"]] == [r["method"] for r in report["toy"] if r["method"] != "FlatNCE"]
+    assert all(len(r) == 7 and all(math.isfinite(x) for lr, c in r.items() if lr != "method" for x in c) for r in report["lr"])
     assert [(r["gamma"], r["batch"]) for r in report["estimator"]] == [(0.1, 4), (0.1, 16), (0.9, 4), (0.9, 16)]
     assert all(len(r["quarters"]) == 4 and min(min(w) for w in r["quarters"]) >= 0 for r in report["estimator"])
     p = run("bench.py", "mechanisms", "--checkpoint", str(tmp_path / "missing.pt"))
