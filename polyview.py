@@ -277,24 +277,23 @@ class LARS(torch.optim.Optimizer):
         # launches per tensor, and no host sync: at small batches launches are the step time.
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            steps = [p.grad for p in params]
-            matrices = [i for i, p in enumerate(params) if p.ndim > 1]
-            if matrices:
-                w = [params[i] for i in matrices]
-                d = torch._foreach_add([steps[i] for i in matrices], w, alpha=group["weight_decay"])
-                w_norm, d_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(d))
-                trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
-                # Not fused on a GPU: the foreach fast path needs same-shape operands, so one scalar per tensor
-                # costs one launch per tensor (~160 for ResNet-50). A flat-buffer LARS would fix it; not yet measured.
-                torch._foreach_mul_(d, list(trust.unbind()))
-                for i, di in zip(matrices, d):
-                    steps[i] = di
             for p in params:  # once: setdefault would build (and fill) a new zeros_like every step
                 if "mu" not in self.state[p]:
                     self.state[p]["mu"] = torch.zeros_like(p)
             mu = [self.state[p]["mu"] for p in params]
             torch._foreach_mul_(mu, group["momentum"])
-            torch._foreach_add_(mu, steps)
+            matrices = [i for i, p in enumerate(params) if p.ndim > 1]
+            vectors = [i for i, p in enumerate(params) if p.ndim <= 1]
+            if matrices:
+                w = [params[i] for i in matrices]
+                d = torch._foreach_add([w_i.grad for w_i in w], w, alpha=group["weight_decay"])
+                w_norm, d_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(d))
+                trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
+                # mu += trust_i d_i as addcmul with 0-d tensors as its first factor: on CUDA one fused kernel where
+                # torch has that fast path (PointwiseOpScalar0dTensorFunctor, in torch 2.14.1), else one per tensor.
+                torch._foreach_addcmul_([mu[i] for i in matrices], list(trust.unbind()), d)
+            if vectors:
+                torch._foreach_add_([mu[i] for i in vectors], [params[i].grad for i in vectors])
             torch._foreach_add_(params, mu, alpha=-group["lr"])
 
 
