@@ -196,7 +196,7 @@ def lr_at(step, total, warmup, base):
 
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as used by SimCLR: for weights with more than one dimension,
-    add weight decay and scale the step by the trust ratio eta * ||w|| / ||g||; biases and
+    add weight decay and scale the step by the trust ratio eta * ||w|| / ||g + wd w||; biases and
     BN parameters (1-D) get the plain SGD-momentum step, no decay, no trust ratio."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
