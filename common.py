@@ -6,6 +6,7 @@ import gzip
 import math
 import os
 import struct
+import time
 
 import torch
 import torch.distributed as dist
@@ -662,3 +663,97 @@ def spectral_batches(z1, z2, batch_size, temperature=0.1, clusters=40, generator
         assign = _equal_size_assign(torch.cdist(emb, _kmeans(emb, k, generator)), b)
         batches += list(idx[assign.argsort(stable=True)].view(k, b))
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)], residual
+
+
+@torch.no_grad()
+def spectral_epoch(model, train_set, meta, batch, temperature, clusters, seed, precision, workers):
+    """Hard mini-batches from the current model (Cho et al. 2023): two augmented views of every training
+    image are embedded in eval mode, rank 0 clusters them (spectral_batches) and broadcasts the batches, so
+    every rank trains on the same ones. Returns ((n, batch) indices on the CPU, stats to log on rank 0):
+    Cho et al.'s measure, the mean in-batch InfoNCE of these batches and of random ones on the same
+    embeddings (the full-batch loss is the same for both, so higher is a smaller gap to it), the
+    eigenvectors' residual and the seconds it took."""
+    tick, device, mine = time.time(), next(model.parameters()).device, shard(len(train_set))
+    model.eval()
+    rows = torch.arange(mine.start, mine.stop).split(256)
+    z = [torch.stack(forward_views(model, views[:2], precision), 1)
+         for views, _ in augmented_batches(train_set, meta, rows, 2, workers, device)]
+    model.train()
+    z = gather_rows(torch.cat(z))  # (N, 2, 128), row i = image i
+    batches = torch.empty(len(train_set) // batch, batch, dtype=torch.long, device=z.device)
+    stats = {}
+    if rank() == 0:
+        g = torch.Generator().manual_seed(seed)
+        found, residual = spectral_batches(z[:, 0], z[:, 1], batch, temperature, clusters, g)
+        batches = torch.stack(found)
+        random = torch.randperm(len(z), generator=g)[:batches.numel()].view_as(batches)
+        stats = dict(spectral_batch_loss=in_batch_loss(z, batches, temperature),
+                     random_batch_loss=in_batch_loss(z, random, temperature),
+                     spectral_eig_residual=residual, spectral_seconds=time.time() - tick)
+        if residual > EIG_TOL:
+            print(f"warning: spectral eigenvectors not converged (residual {residual:.1e} > "
+                  f"{EIG_TOL:g}); the batches are from the best subspace found", flush=True)
+    if world() > 1:
+        dist.broadcast(batches, 0)
+    return batches.cpu(), stats
+
+
+def in_batch_loss(z, rows, temperature):
+    """The mean NT-Xent within each batch (row of indices) of `rows` on the embeddings z (N, 2, D)."""
+    losses = []
+    for r in rows.to(z.device):
+        v = F.normalize(torch.cat([z[r, 0], z[r, 1]]), dim=1)
+        s = (v @ v.T / temperature).fill_diagonal_(float("-inf"))
+        i = torch.arange(len(v), device=v.device)
+        losses.append((s.logsumexp(1) - s[i, (i + len(r)) % len(v)]).mean())
+    return float(torch.stack(losses).mean())
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def features(net, ds, workers, precision, stats):
+    """net's fp32 outputs (n, views, dim) and labels for this rank's contiguous shard of `ds` (after
+    gather_rows row i is index i), in eval mode: BN uses, never updates, its running statistics. The
+    workers send uint8 images (eval_transform), normalised with `stats` on the device."""
+    was_training, device = net.training, next(net.parameters()).device
+    net.eval()
+    mean, std = (torch.tensor(s, device=device).view(-1, 1, 1) for s in stats)
+    out, labels = [], []
+    for views, y, _ in DataLoader(ds, batch_size=256, sampler=shard(len(ds)), num_workers=workers,
+                                  pin_memory=device.type == "cuda"):  # views: (B, V, C, H, W)
+        x = (views.to(device, non_blocking=True).float() / 255 - mean) / std
+        out.append(torch.stack(forward_views(net, x.transpose(0, 1), precision), 1))
+        labels.append(y)
+    net.train(was_training)
+    return torch.cat(out), torch.cat(labels).to(device)
+
+
+def top1_over_ranks(correct, n_local, n_expected):
+    """Top-1 in % from per-rank counts; protocol check: every validation image counted once."""
+    stats = torch.tensor([float(correct), float(n_local)], dtype=torch.float64, device=correct.device)
+    if world() > 1:
+        dist.all_reduce(stats)
+    if int(stats[1]) != n_expected:
+        raise RuntimeError(f"evaluation saw {int(stats[1])} of {n_expected} validation images")
+    return float(100 * stats[0] / stats[1])
+
+
+def knn_top1(backbone, train, val, meta, workers, precision, k=200, temperature=0.1):
+    """Weighted kNN (Wu et al. 2018, as InstDisc and MoCo): each validation image's top-k training
+    images by cosine similarity vote with weight exp(sim / T). Top-1 in % over all ranks."""
+    plain = eval_transform(meta)
+    bank, bank_y = features(backbone, Views(train, plain, 1), workers, precision, meta["stats"])
+    half = torch.float16 if bank.is_cuda else torch.float32  # ImageNet's bank: 5 GB in fp16
+    bank = gather_rows(F.normalize(bank[:, 0], dim=1).to(half))
+    bank_y = gather_rows(bank_y)
+    q, qy = features(backbone, Views(val, plain, 1), workers, precision, meta["stats"])
+    q = F.normalize(q[:, 0], dim=1).to(bank.dtype)
+    correct = torch.zeros((), device=q.device)
+    for s in range(0, len(q), 256):
+        sim, idx = chunked_topk(q[s:s + 256], bank, k)
+        votes = torch.zeros(len(sim), meta["classes"], device=q.device)
+        votes.scatter_add_(1, bank_y[idx], (sim.float() / temperature).exp())
+        correct += (votes.argmax(1) == qy[s:s + 256]).sum()
+    return top1_over_ranks(correct, len(q), len(val))

@@ -100,13 +100,14 @@ def test_info_nce_matches_naive_loop(n, d, temperature):
     value, (g1, g2) = grads(lambda a, b: info_nce_loss(a, b, temperature), z1, z2)
     ref, (r1, r2) = grads(lambda a, b: naive_info_nce(a, b, temperature), z1, z2)
     torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g1, 2 * r1, rtol=1e-9, atol=1e-12)  # the value is the mean, the gradient 2x its
-    torch.testing.assert_close(g2, 2 * r2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
 
 
-def test_info_nce_gradient_is_google_research_simclr():
-    """The gradient equals that of google-research/simclr's objective: for each direction (view 1 anchors against
-    view 2 + the other view-1 images, and back) the batch mean of the cross-entropy, the two summed."""
+def test_info_nce_at_train_steps_scale_is_google_research_simclr():
+    """2 x info_nce_loss, what simclr.train_step differentiates, equals google-research/simclr's objective in
+    value and gradient: for each direction (view 1 anchors against view 2 + the other view-1 images, and back)
+    the batch mean of the cross-entropy, the two summed."""
     g = torch.Generator().manual_seed(2)
     z1, z2 = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
 
@@ -119,9 +120,9 @@ def test_info_nce_gradient_is_google_research_simclr():
         loss_b = ce(torch.cat([b @ a.T / t, b @ b.T / t + masked], 1), labels)
         return loss_a + loss_b
 
-    value, (g1, g2) = grads(lambda a, b: info_nce_loss(a, b, 0.2), z1, z2)
+    value, (g1, g2) = grads(lambda a, b: 2 * info_nce_loss(a, b, 0.2), z1, z2)
     ref, (r1, r2) = grads(reference, z1, z2)
-    torch.testing.assert_close(value, ref / 2, rtol=1e-10, atol=1e-12)  # logged: the mean over the 2B anchors
+    torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
 
@@ -168,8 +169,8 @@ def test_dcl_matches_naive_loop(n, temperature, sigma):
     value, (g1, g2) = grads(lambda a, b: dcl_loss(a, b, temperature, sigma), z1, z2)
     ref, (r1, r2) = grads(lambda a, b: naive_dcl(a, b, temperature, sigma), z1, z2)
     torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g1, 2 * r1, rtol=1e-9, atol=1e-12)  # SimCLR's scale: 2x the mean's gradient
-    torch.testing.assert_close(g2, 2 * r2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
 
 
 def test_dcl_analytic_and_weights():
@@ -181,22 +182,26 @@ def test_dcl_analytic_and_weights():
     assert math.isclose(dcl_loss(eye, eye, t, sigma=0.5).item(), dcl_loss(eye, eye, t).item(), rel_tol=1e-12)
 
 
-def test_flatnce_value_is_info_nce_and_gradient_is_dcl():
+def test_flatnce_is_one_with_dcls_gradient_and_logs_info_nce():
+    """FlatNCE's objective is 1 in value (the paper's Algorithm 1) with DCL's gradient; the second output is
+    InfoNCE per anchor, detached, for the log."""
     z1, z2 = (torch.randn(7, 6, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in (3, 4))
-    value, (g1, g2) = grads(lambda a, b: flatnce_loss(a, b, 0.1), z1, z2)
-    ref_value = naive_info_nce(z1, z2, 0.1)
+    value, (g1, g2) = grads(lambda a, b: flatnce_loss(a, b, 0.1)[0], z1, z2)
     _, (r1, r2) = grads(lambda a, b: naive_dcl(a, b, 0.1), z1, z2)
-    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g1, 2 * r1, rtol=1e-9, atol=1e-12)  # SimCLR's scale: 2x the mean's gradient
-    torch.testing.assert_close(g2, 2 * r2, rtol=1e-9, atol=1e-12)
+    assert value.item() == 1.0
+    torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
     # ... and not InfoNCE's gradient, which carries the extra factor from the positive.
     _, (i1, _) = grads(lambda a, b: naive_info_nce(a, b, 0.1), z1, z2)
-    assert not torch.allclose(g1, 2 * i1)
+    assert not torch.allclose(g1, i1)
+    _, info_nce = flatnce_loss(z1, z2, 0.1)
+    assert info_nce.shape == (14,) and not info_nce.requires_grad
+    torch.testing.assert_close(info_nce.mean(), naive_info_nce(z1, z2, 0.1), rtol=1e-10, atol=1e-12)
 
 
 def test_flatnce_logs_positive_probability():
     z1, z2 = (torch.randn(4, 6, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in (5, 6))
-    _, p_pos = flatnce_loss(z1, z2, 0.1, with_p_pos=True)
+    p_pos = torch.exp(-flatnce_loss(z1, z2, 0.1)[1]).mean()  # as flatnce.train_step logs it
     views = [v / v.norm() for v in list(z1) + list(z2)]
     probs = []
     for i in range(8):
@@ -208,27 +213,36 @@ def test_flatnce_logs_positive_probability():
 # ----------------------------------------------------------------------------- SogCLR
 
 
+def sogclr_step(loss_fn, z1, z2, index):
+    """One SogCLRLoss call: (surrogate, logged loss, input gradients of the surrogate)."""
+    a, b = z1.detach().clone().requires_grad_(True), z2.detach().clone().requires_grad_(True)
+    surrogate, loss = loss_fn(a, b, index)
+    surrogate.backward()
+    return surrogate.detach(), loss, (a.grad, b.grad)
+
+
 def test_sogclr_matches_naive_loop_over_three_steps():
-    """Values, input gradients (the issue's formula) and u after each of three steps whose
-    indices overlap, starting from u = 0 (first visit: gamma 1)."""
+    """Surrogate values, its input gradients (the paper's formula), the logged loss and u after each of three
+    steps whose indices overlap, starting from u = 0 (first visit: gamma 1)."""
     g = torch.Generator().manual_seed(7)
     loss_fn = SogCLRLoss(10, temperature=0.2, gamma=0.9).double()
     for step, index in enumerate(([0, 1, 2, 3], [2, 3, 4, 5], [5, 0, 9, 3])):
         index = torch.tensor(index)
         z1, z2 = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
         u_before = loss_fn.u.clone()
-        value, (g1, g2) = grads(lambda a, b: loss_fn(a, b, index), z1, z2)
+        surrogate, value, (g1, g2) = sogclr_step(loss_fn, z1, z2, index)
         _, ref_value, ref_u = naive_sogclr(z1, z2, index, u_before, 0.2, 0.9)
-        _, (r1, r2) = grads(lambda a, b: naive_sogclr(a, b, index, u_before, 0.2, 0.9)[0], z1, z2)
-        assert math.isclose(value.item(), ref_value, rel_tol=1e-10), step
-        torch.testing.assert_close(g1, 2 * 0.2 * r1, rtol=1e-9, atol=1e-12)  # the official scale: 2T x the formula
-        torch.testing.assert_close(g2, 2 * 0.2 * r2, rtol=1e-9, atol=1e-12)
+        ref_surrogate, (r1, r2) = grads(lambda a, b: naive_sogclr(a, b, index, u_before, 0.2, 0.9)[0], z1, z2)
+        assert math.isclose(value.item(), ref_value, rel_tol=1e-10) and not value.requires_grad, step
+        torch.testing.assert_close(surrogate, ref_surrogate, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(loss_fn.u, ref_u, rtol=1e-12, atol=0)
     assert (loss_fn.u[[6, 7, 8]] == 0).all() and (loss_fn.u[[0, 1, 2, 3, 4, 5, 9]] > 0).all()
 
 
-def test_sogclr_gradient_is_the_official_codes():
-    """The gradient equals that of the official surrogate (Optimization-AI/SogCLR, sogclr/builder.py,
+def test_sogclr_at_train_steps_scale_is_the_official_code():
+    """2T x the surrogate, what sogclr.train_step differentiates, has the gradient of the official surrogate (Optimization-AI/SogCLR, sogclr/builder.py,
     dynamic_contrastive_loss), written here from its equations: raw cosine logits (no 1/T) against [other
     view, same view without itself], detached weights exp(logit/T)/u_i per negative, the two views' terms
     summed, the batch mean. With u already filled (not a first visit) both update u the same way."""
@@ -253,7 +267,7 @@ def test_sogclr_gradient_is_the_official_codes():
 
     loss_fn = SogCLRLoss(n, temperature=t, gamma=gamma).double()
     loss_fn.u.copy_(u0)
-    _, (g1, g2) = grads(lambda a, b: loss_fn(a, b, index), z1, z2)
+    _, (g1, g2) = grads(lambda a, b: 2 * t * loss_fn(a, b, index)[0], z1, z2)
     _, (r1, r2) = grads(official, z1, z2)
     torch.testing.assert_close(g1, r1, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(g2, r2, rtol=1e-9, atol=1e-12)
@@ -265,11 +279,11 @@ TWO_VIEW_LOSSES = {
     "info_nce": lambda a, b: info_nce_loss(a, b, 0.1),
     "dcl": lambda a, b: dcl_loss(a, b, 0.1),
     "dclw": lambda a, b: dcl_loss(a, b, 0.1, sigma=0.5),
-    "flatnce": lambda a, b: flatnce_loss(a, b, 0.1),
+    "flatnce": lambda a, b: flatnce_loss(a, b, 0.1)[0],
     # the tiled path under DDP (tiles of 3 divide neither the 2B = 8 anchors nor the 16 candidates)
     "info_nce/chunked": lambda a, b: info_nce_loss(a, b, 0.1, chunk_size=3),
     "dclw/chunked": lambda a, b: dcl_loss(a, b, 0.1, sigma=0.5, chunk_size=3),
-    "flatnce/chunked": lambda a, b: flatnce_loss(a, b, 0.1, chunk_size=3),
+    "flatnce/chunked": lambda a, b: flatnce_loss(a, b, 0.1, chunk_size=3)[0],
 }
 SOGCLR_STEPS = ([0, 1, 2, 3, 4, 5, 6, 7], [4, 5, 6, 7, 8, 9, 10, 11], [11, 0, 9, 2, 7, 4, 5, 14])
 
@@ -293,7 +307,7 @@ def _ddp_worker(r, w, port, name, zs, out):
             if sog is None:
                 fn = TWO_VIEW_LOSSES[name]
             else:
-                fn = lambda a, c: sog(a, c, torch.tensor(SOGCLR_STEPS[step])[part])  # noqa: E731
+                fn = lambda a, c: sog(a, c, torch.tensor(SOGCLR_STEPS[step])[part])[0]  # noqa: E731
             value, (g1, g2) = grads(fn, z1[part], z2[part])
             results.append(dict(loss=value, g1=g1, g2=g2, u=sog.u.clone() if sog is not None else None))
         torch.save(results, os.path.join(out, f"rank{r}.pt"))
@@ -318,7 +332,7 @@ def test_ddp_equals_single_process(tmp_path, name):
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(w)]
     sog = SogCLRLoss(16, temperature=0.1, gamma=0.9).double()
     for step, (z1, z2) in enumerate(zs):
-        fn = TWO_VIEW_LOSSES.get(name.replace("/chunked", "")) or (lambda a, c: sog(a, c, torch.tensor(SOGCLR_STEPS[step])))
+        fn = TWO_VIEW_LOSSES.get(name.replace("/chunked", "")) or (lambda a, c: sog(a, c, torch.tensor(SOGCLR_STEPS[step]))[0])
         ref, (r1, r2) = grads(fn, z1, z2)
         torch.testing.assert_close(sum(p[step]["loss"] for p in parts) / w, ref, rtol=1e-12, atol=1e-12)
         for r, p in enumerate(parts):
@@ -378,7 +392,7 @@ def test_polyview_matches_naive_loop(objective, m, n, temperature):
     value, (g,) = grads(lambda x: polyview_loss(x, temperature, objective), z)
     ref, (r,) = grads(lambda x: naive_polyview(x, temperature, objective), z)
     torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g, m * r, rtol=1e-9, atol=1e-12)  # SimCLR's scale: M x the mean's gradient
+    torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("objective", ["geometric", "arithmetic", "multicrop"])
@@ -530,8 +544,8 @@ CHUNKED_LOSSES = {
     "info_nce": lambda a, b, k: info_nce_loss(a, b, 0.1, chunk_size=k),
     "dcl": lambda a, b, k: dcl_loss(a, b, 0.1, chunk_size=k),
     "dclw": lambda a, b, k: dcl_loss(a, b, 0.1, sigma=0.5, chunk_size=k),
-    "flatnce": lambda a, b, k: flatnce_loss(a, b, 0.1, chunk_size=k),
-    "sogclr": lambda a, b, k: SogCLRLoss(12, 0.1, 0.9, chunk_size=k).double()(a, b, torch.arange(len(a))),
+    "flatnce": lambda a, b, k: flatnce_loss(a, b, 0.1, chunk_size=k)[0],
+    "sogclr": lambda a, b, k: SogCLRLoss(12, 0.1, 0.9, chunk_size=k).double()(a, b, torch.arange(len(a)))[0],
 }
 
 
@@ -557,12 +571,18 @@ def test_chunked_equals_dense_polyview(objective, n):
     torch.testing.assert_close(t, d, rtol=1e-10, atol=1e-13)
 
 
+def flatnce_with_info_nce(z1, z2, temperature, chunk_size=None):
+    """1 + InfoNCE in value (FlatNCE's objective is always 1), FlatNCE's gradient."""
+    flat, info_nce = flatnce_loss(z1, z2, temperature, chunk_size)
+    return flat + info_nce.mean()
+
+
 @pytest.mark.parametrize("name", ["info_nce", "dcl", "dclw", "flatnce"])
 def test_large_logits_stay_finite_in_fp32(name):
     """T = 0.01 puts logits near 100, where exp overflows fp32 without the max shift."""
     z1 = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
     z2 = z1 + 0.01 * torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
-    fn = {"info_nce": info_nce_loss, "dcl": dcl_loss, "flatnce": flatnce_loss,
+    fn = {"info_nce": info_nce_loss, "dcl": dcl_loss, "flatnce": flatnce_with_info_nce,
           "dclw": lambda a, b, t, chunk_size: dcl_loss(a, b, t, 0.5, chunk_size)}[name]
     for chunk in (0, 5):
         value, (g1, g2) = grads(lambda a, b: fn(a, b, 0.01, chunk_size=chunk), z1, z2)
@@ -751,7 +771,7 @@ def test_mechanisms_exact_objectives_equal_the_losses_on_the_full_batch():
     assert math.isclose(gcl, dcl_loss(u, v, t).item() - math.log(2 * n - 2), rel_tol=1e-12)
     sog = SogCLRLoss(n, temperature=t, gamma=0.9).double()
     index = torch.arange(n)
-    assert math.isclose(gcl, sog(u, v, index).item(), rel_tol=1e-12)  # first visit: u = g, the full-batch mean
+    assert math.isclose(gcl, sog(u, v, index)[1].item(), rel_tol=1e-12)  # first visit: u = g, the full-batch mean
     torch.testing.assert_close(sog.u, exact_u.view(2, n).mean(0), rtol=1e-12, atol=0)
 
 
@@ -835,16 +855,57 @@ def test_training_step_never_waits_for_the_device(monkeypatch, script, flags):
     torch.manual_seed(0)
     net = common.make_model("resnet18", 32, 3, torch.device("cpu"))
     opt = module.LARS(net.parameters(), lr=0.1, weight_decay=1e-6)
-    state = module.make_state(args, 32, torch.device("cpu"))
+    criterion = module.make_criterion(args, 32, torch.device("cpu"))
     views, index = torch.randn(args.n_views, 8, 3, 32, 32), torch.randperm(32)[:8]
     for _ in range(2):  # the second step has LARS's momentum buffers already
         with HostSyncs() as syncs:
-            loss, _ = module.train_step(net, views, index, state, args)
-            loss.backward()
+            objective, _ = module.train_step(net, views, index, criterion, args)
+            objective.backward()
             opt.step()
         opt.zero_grad(set_to_none=True)
         assert syncs.found == [], syncs.found
-        assert torch.isfinite(loss)
+        assert torch.isfinite(objective)
+
+
+@pytest.mark.parametrize("script,loss_name,scale", [
+    ("simclr", "info_nce_loss", lambda args, z: 2), ("dcl", "dcl_loss", lambda args, z: 2),
+    ("flatnce", "flatnce_loss", lambda args, z: 2), ("polyview", "polyview_loss", lambda args, z: len(z)),
+    ("sogclr", None, lambda args, z: 2 * args.temperature)])
+def test_train_step_differentiates_the_reference_codes_scale_and_logs_the_papers_loss(monkeypatch, script,
+                                                                                        loss_name, scale):
+    """train_step returns scale x what the loss function differentiates (2 for SimCLR's two summed directions,
+    and for DCL and FlatNCE; M for Poly-View; 2T for SogCLR's official surrogate) and logs the loss's own value:
+    the mean over anchors (FlatNCE: InfoNCE's, SogCLR: the moving-average estimate)."""
+    module = __import__(script)
+    monkeypatch.setattr(sys, "argv", [script, "--data", "synthetic", "--arch", "resnet18", "--batch", "8",
+                                      "--temperature", "0.2"] + (["--pv-views", "3"] if script == "polyview" else []))
+    args = module.get_args()
+    args.precision = "fp32"
+    torch.manual_seed(0)
+    net = common.make_model("resnet18", 32, 3, torch.device("cpu"))
+    seen = []
+
+    def spy(fn):
+        def wrapped(*a, **k):
+            seen.append((a[0], fn(*a, **k)))
+            return seen[-1][1]
+        return wrapped
+
+    criterion = module.make_criterion(args, 32, torch.device("cpu"))
+    if loss_name:
+        monkeypatch.setattr(module, loss_name, spy(getattr(module, loss_name)))
+    else:
+        criterion = spy(criterion)
+    views, index = torch.randn(args.n_views, 8, 3, 32, 32), torch.randperm(32)[:8]
+    objective, logs = module.train_step(net, views, index, criterion, args)
+    (z, out), = seen
+    differentiated = out[0] if isinstance(out, tuple) else out
+    factor = scale(args, z)
+    assert factor != 1
+    torch.testing.assert_close(objective, factor * differentiated, rtol=0, atol=0)
+    logged = {"flatnce": lambda: out[1].mean(), "sogclr": lambda: out[1]}.get(script, lambda: out.detach())()
+    torch.testing.assert_close(logs["loss"], logged, rtol=0, atol=0)
+    assert not logs["loss"].requires_grad
 
 
 # ----------------------------------------------------------------------------- LARS and schedule
@@ -1098,7 +1159,7 @@ def test_eval_workers_send_uint8_normalised_on_the_device_as_torchvision(folder)
     identity = torch.nn.Conv2d(3, 3, 1, bias=False)  # a 'network' that returns its input, flattened
     torch.nn.init.dirac_(identity.weight)
     net = torch.nn.Sequential(identity, torch.nn.Flatten())
-    got, _ = simclr.features(net, common.Views(base, plain, 1), 0, "fp32", meta["stats"])
+    got, _ = common.features(net, common.Views(base, plain, 1), 0, "fp32", meta["stats"])
     resize = [T.Resize(36, antialias=True), T.CenterCrop(32)] if folder else []
     reference = T.Compose([T.ToImage(), *resize, T.ToDtype(torch.float32, scale=True), T.Normalize(*meta["stats"])])
     want = torch.stack([reference(img).flatten() for img, _ in base])

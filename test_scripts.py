@@ -24,7 +24,7 @@ TINY = ["--data", "synthetic", "--arch", "resnet18", "--batch", "64", "--warmup-
 
 
 METHODS = ("sogclr.py", "dcl.py", "flatnce.py", "polyview.py")
-COPY = re.compile(r'^# --- copied section "([^"]+)": .*?---\n(.*?)^# --- end of copied section "\1" ---\n', re.M | re.S)
+COPY = re.compile(r"^# --- copied: (.+?) ---\n(.*?)^# --- end copied: \1 ---\n", re.M | re.S)
 
 
 def copied_sections(text):
@@ -116,7 +116,7 @@ def test_copy_check_names_file_and_section_of_one_changed_character():
     assert len(errors) == 1 and errors[0].startswith(f"dcl.py:{line}: copied section 'training loop' differs"), errors
     assert "step + 2" in errors[0]
     assert copy_errors("dcl.py", text.replace(copied_sections(text)["main"], ""), reference)  # an emptied section
-    assert copy_errors("dcl.py", text.replace('copied section "setup"', 'section "setup"'), reference)  # a lost marker
+    assert copy_errors("dcl.py", text.replace("# --- copied: setup", "# setup"), reference)  # lost marker
 
 
 # ----------------------------------------------------------------------------- train, resume, evaluate
@@ -131,7 +131,7 @@ def test_simclr_trains_checkpoints_resumes_evaluates(tmp_path, nproc, workers):
     steps = 384 // 64  # synthetic has 384 training images
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (1, steps)
-    assert {"model", "optimizer", "buffers", "rng", "args"} <= set(ckpt)
+    assert {"model", "optimizer", "criterion", "rng", "args", "fixed", "script"} <= set(ckpt)
     assert len(ckpt["rng"]) == nproc
     assert os.path.exists(os.path.join(out, "backbone.pt"))
     n_first = len(log_records(out))
@@ -293,9 +293,9 @@ def test_sogclr_resume_is_exact(tmp_path, batching):
     assert "resumed from epoch 1 (step 4)" in p.stdout
     a, b = (torch.load(os.path.join(o, "checkpoint.pt"), weights_only=True) for o in (straight, split))
     assert a["step"] == b["step"] == 8
-    u = a["buffers"]["u"]
+    u = a["criterion"]["u"]
     assert u.shape == (128,) and (u > 0).all()  # one entry per training image, every one visited
-    assert torch.equal(u, b["buffers"]["u"])
+    assert torch.equal(u, b["criterion"]["u"])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k, v in a["optimizer"]["state"].items():
@@ -325,7 +325,7 @@ def test_kill_9_mid_epoch_resumes_bit_identical(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from epoch 1 (step 4)" in again.stdout
     a, b = (torch.load(os.path.join(o, "checkpoint.pt"), weights_only=True) for o in (straight, killed))
-    assert a["step"] == b["step"] == 8 and torch.equal(a["buffers"]["u"], b["buffers"]["u"])
+    assert a["step"] == b["step"] == 8 and torch.equal(a["criterion"]["u"], b["criterion"]["u"])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k, v in a["optimizer"]["state"].items():
