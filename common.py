@@ -1,11 +1,11 @@
-"""common.py: what the method scripts share that is not about training: data, backbone and similarity (the
-training, loss to evaluation, is written out in each method file). Functions take plain values, never args."""
+"""common.py: what the method scripts share that is not training: data, backbone, similarity, hard
+mini-batches and the evaluation helpers (kNN monitor and feature extraction). The training itself
+is written out in each method file. Functions take plain values, never a script's args."""
 import collections
 import functools
 import gzip
 import math
 import os
-import struct
 import time
 
 import torch
@@ -13,28 +13,23 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2 as T
 
-
 class BadInput(Exception):
-    """A mistake the user can fix (path, flag, file); the scripts report it as one line, no traceback."""
-
+    """A mistake the user can fix (path, flag, file): the scripts print one line, no traceback."""
 
 # ----------------------------------------------------------------------------- distributed
-
-
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
-
 
 def world():
     return dist.get_world_size() if dist.is_initialized() else 1
 
-
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather forward; backward all_reduces the gradient and keeps this rank's slice: these rows were in every
-    rank's loss. The slice alone would drop the terms where they are other ranks' negatives (SogCLR's issue #1)."""
+    """all_gather forward; backward all_reduces the gradient and keeps this rank's slice: the slice
+    alone would drop the terms where these rows are other ranks' negatives (SogCLR's issue #1)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -49,14 +44,12 @@ class _GatherWithGrad(torch.autograd.Function):
         n = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
 
-
 def gather_with_grad(x):
-    """(n, ...) local rows -> (n * world, ...) rows of all ranks in rank order, gradient to every rank."""
+    """(n, ...) local rows -> (n * world, ...) rows of all ranks in rank order, gradient to each."""
     return x if world() == 1 else _GatherWithGrad.apply(x)
 
-
 def gather_rows(x):
-    """All ranks' rows in rank order, of possibly different lengths, no gradient (padded to the longest)."""
+    """All ranks' rows in rank order, no gradient; lengths may differ (padded to the longest)."""
     if world() == 1:
         return x
     n = torch.tensor([x.shape[0]], device=x.device)
@@ -67,37 +60,30 @@ def gather_rows(x):
     dist.all_gather(parts, pad)
     return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
 
-
 def shard(n):
-    """This rank's contiguous share of range(n), unpadded (DistributedSampler pads): every sample once, in order."""
+    """This rank's contiguous share of range(n): every sample once (DistributedSampler pads)."""
     return range(rank() * n // world(), (rank() + 1) * n // world())
 
-
 # ----------------------------------------------------------------------------- similarity
-
-DENSE_LIMIT = 2 ** 26  # dense logits up to this many (256 MiB per fp32 copy; the peak is a few), then tiles
+DENSE_LIMIT = 2 ** 26  # dense logits up to this many (256 MiB in fp32; the peak is a few)
 AUTO_CHUNK = 4096
 
-
 def _tiles(anchors, candidates, temperature, exclude, chunk):
-    """(rows, columns, logits <anchor/T, candidate>) per chunk x chunk tile, no autograd, excluded columns -inf."""
+    """(rows, columns, logits <anchor/T, candidate>) per chunk x chunk tile; excluded ones -inf."""
     for r in range(0, len(anchors), chunk):
-        scaled, ex = anchors[r:r + chunk] / temperature, None if exclude is None else exclude[r:r + chunk]
+        scaled = anchors[r:r + chunk] / temperature
         for c in range(0, len(candidates), chunk):
             logits = scaled @ candidates[c:c + chunk].T
-            if ex is not None:
-                n = logits.shape[1]
-                cols = ex - c
-                # amin with +inf leaves a column unchanged, so columns outside this tile are no-ops.
-                fill = torch.where((cols >= 0) & (cols < n), float("-inf"), float("inf")).to(logits.dtype)
+            if exclude is not None:
+                n, cols = logits.shape[1], exclude[r:r + chunk] - c
+                # amin with +inf leaves a column unchanged: columns outside this tile are no-ops.
+                fill = torch.where((cols >= 0) & (cols < n), -math.inf, math.inf).to(logits.dtype)
                 logits.scatter_reduce_(1, cols.clamp(0, n - 1), fill, "amin")
             yield slice(r, r + chunk), slice(c, c + chunk), logits
 
-
 class _ChunkedLogSumExp(torch.autograd.Function):
-    """Exact logsumexp over chunk x chunk tiles, never the whole matrix (Inf-CL's idea): forward an online
-    max-shifted logsumexp per row; backward recomputes each tile, d lse_a / d logit_ac = softmax_ac, so
-    grad_anchor_a = sum_c g_a softmax_ac cand_c / T, grad_cand_c = sum_a g_a softmax_ac anchor_a / T."""
+    """Exact logsumexp by chunk x chunk tiles, never the whole matrix (Inf-CL's idea): an online
+    max-shifted logsumexp per row; backward recomputes tiles, d lse_a / d logit_ac = softmax_ac."""
 
     @staticmethod
     def forward(ctx, anchors, candidates, temperature, exclude, chunk):
@@ -106,7 +92,8 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         for rows, _, logits in _tiles(anchors, candidates, temperature, exclude, chunk):
             new_top = torch.maximum(top[rows], logits.amax(1))
             shift = new_top.masked_fill(new_top == float("-inf"), 0.0)  # rows with nothing yet
-            total[rows] = total[rows] * torch.exp(top[rows] - shift) + logits.sub_(shift[:, None]).exp_().sum(1)
+            total[rows] = (total[rows] * torch.exp(top[rows] - shift)
+                           + logits.sub_(shift[:, None]).exp_().sum(1))
             top[rows] = new_top
         lse = top + torch.log(total)
         ctx.save_for_backward(anchors, candidates, exclude, lse)
@@ -116,10 +103,11 @@ class _ChunkedLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         anchors, candidates, exclude, lse = ctx.saved_tensors
-        # A row with every column excluded (lse -inf) passes no gradient, as in the dense path: zero its
-        # incoming gradient (maybe nan) and use lse +inf, so its weights are exp(-inf) = 0, not nan.
+        # A row with every column excluded (lse -inf) passes no gradient, as in the dense path: zero
+        # its incoming gradient (maybe nan), and lse +inf makes its weights exp(-inf) = 0, not nan.
         empty = lse == float("-inf")
-        g, lse = grad.masked_fill(empty, 0.0)[:, None] / ctx.temperature, lse.masked_fill(empty, float("inf"))
+        g = grad.masked_fill(empty, 0.0)[:, None] / ctx.temperature
+        lse = lse.masked_fill(empty, float("inf"))
         grad_a, grad_c = torch.zeros_like(anchors), torch.zeros_like(candidates)
         for rows, cols, logits in _tiles(anchors, candidates, ctx.temperature, exclude, ctx.chunk):
             weight = logits.sub_(lse[rows, None]).exp_().mul_(g[rows])
@@ -127,11 +115,10 @@ class _ChunkedLogSumExp(torch.autograd.Function):
             grad_c[cols].addmm_(weight.T, anchors[rows])
         return grad_a, grad_c, None, None, None
 
-
 def similarity_logsumexp(anchors, candidates, temperature, exclude=None, chunk_size=None):
-    """lse_a = log sum_{c not in exclude[a]} exp(<anchor_a, candidate_c> / T), (A,), in at least fp32; anchors
-    (A, D), candidates (N, D), exclude (A, E) column indices or None. chunk_size None: dense while A x N <=
-    DENSE_LIMIT, else tiles of AUTO_CHUNK; 0: dense; n: exact tiles of n x n (same values and gradients)."""
+    """lse_a = log sum_{c not in exclude[a]} exp(<anchor_a, candidate_c> / T), (A,), at least fp32;
+    anchors (A, D), candidates (N, D), exclude (A, E) indices or None. chunk_size None: dense up to
+    DENSE_LIMIT logits, else AUTO_CHUNK; 0: dense; n: exact n x n tiles (same values, gradients)."""
     dtype = torch.promote_types(anchors.dtype, torch.float32)
     anchors, candidates = anchors.to(dtype), candidates.to(dtype)
     if chunk_size is None:
@@ -145,15 +132,14 @@ def similarity_logsumexp(anchors, candidates, temperature, exclude=None, chunk_s
         # A row may exclude every candidate (a batch of one image): its lse is -inf, and logsumexp's
         # backward would give nan, exp(-inf - -inf), instead of no gradient.
         empty = (logits == float("-inf")).all(1)
-        return torch.logsumexp(logits.masked_fill(empty[:, None], 0.0), dim=1).masked_fill(empty, float("-inf"))
+        lse = torch.logsumexp(logits.masked_fill(empty[:, None], 0.0), dim=1)
+        return lse.masked_fill(empty, float("-inf"))
     return _ChunkedLogSumExp.apply(anchors, candidates, temperature, exclude, chunk_size)
 
-
 def two_view_terms(z1, z2, temperature, chunk_size=None):
-    """What every two-view loss is made of, for this rank's 2B anchors (normalised z1 rows, then z2 rows) against
-    all ranks' views (with gradient): z (2B, D) the anchors; positive (2B,) s(x_i^k, x_i^o) / T, the other view of
-    the same image; negative (2B,) log sum_{z in N_i} exp(s(x_i^k, z) / T), N_i both views of every other image
-    of the global batch, 2(BW - 1) entries. InfoNCE's denominator is logaddexp(negative, positive)."""
+    """Every two-view loss's terms for this rank's 2B anchors z (2B, D), normalised z1 then z2 rows,
+    against all ranks' views, with gradient: positive (2B,) s(x_i^k, x_i^o) / T, the other view;
+    negative (2B,) log sum_{z in N_i} exp(s(x_i^k, z) / T), N_i both views of the BW - 1 others."""
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     candidates = gather_with_grad(z)  # (2BW, D): rank r's views at rows 2Br .. 2B(r+1)-1
@@ -163,10 +149,9 @@ def two_view_terms(z1, z2, temperature, chunk_size=None):
     positive = (z * z[partner]).sum(1) / temperature
     return z, positive, similarity_logsumexp(z, candidates, temperature, exclude, chunk_size)
 
-
 def chunked_topk(queries, bank, k, chunk=65536):
-    """Top-k of queries @ bank.T (values, bank indices) over slices of `chunk` bank rows, merging the
-    running top-k: memory O(queries x chunk), so a 1.28M-image bank is never one similarity matrix."""
+    """Top-k of queries @ bank.T (values, bank indices) over slices of `chunk` bank rows, merging
+    the running top-k: memory O(queries x chunk), never a 1.28M-image similarity matrix."""
     top_v = queries.new_empty(len(queries), 0)
     top_i = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)
     for c in range(0, len(bank), chunk):
@@ -176,16 +161,13 @@ def chunked_topk(queries, bank, k, chunk=65536):
         top_i = i.gather(1, pick)
     return top_v, top_i
 
-
 # ----------------------------------------------------------------------------- data
-
 NAMED = ("cifar10", "cifar100", "stl10", "fashion-mnist", "synthetic")
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-
 class Views(Dataset):
-    """(views, label, index) of a dataset of (image, label): n_views copies, each its own draw of `transform`."""
+    """(views, label, index) of a dataset of (image, label): n_views draws of `transform` each."""
 
     def __init__(self, base, transform, n_views):
         self.base, self.transform, self.n_views = base, transform, n_views
@@ -197,25 +179,21 @@ class Views(Dataset):
         img, label = self.base[i]
         return torch.stack([self.transform(img) for _ in range(self.n_views)]), label, i
 
-
 def load_image(path):
     """PIL loader that names the broken file instead of failing deep inside PIL."""
-    from PIL import Image
-
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadInput(f"cannot decode image {path} ({type(e).__name__}); delete or replace that file") from None
-
+        raise BadInput(f"cannot decode image {path} ({type(e).__name__}); "
+                       "delete or replace that file") from None
 
 def _read_idx(path):
     """An idx file (MNIST format, gzip): uint8 payload after a big-endian shape header."""
     with gzip.open(path, "rb") as f:
         raw = f.read()
-    shape = struct.unpack(">" + "I" * raw[3], raw[4:4 + 4 * raw[3]])  # raw[3]: the number of dimensions
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]  # raw[3]: ndim
     return torch.frombuffer(bytearray(raw[4 + 4 * raw[3]:]), dtype=torch.uint8).reshape(shape)
-
 
 def _synthetic(train):
     """384 train / 128 val images of 32 px in 10 classes, each a fixed coarse 4x4 colour layout plus
@@ -226,13 +204,11 @@ def _synthetic(train):
     x = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1 if train else 2))
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
-
 def _torchvision_set(name, root, train):
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)
     try:
-        if cls:
-            ds = cls(root, train=train, download=True)
-            return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+        if name in ("cifar10", "cifar100"):
+            ds = getattr(torchvision.datasets, name.upper())(root, train=train, download=True)
+            return torch.from_numpy(ds.data).movedim(3, 1).contiguous(), torch.tensor(ds.targets)
         if name == "stl10":
             ds = torchvision.datasets.STL10(root, split="train" if train else "test", download=True)
             return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
@@ -240,23 +216,23 @@ def _torchvision_set(name, root, train):
         return ds.data.unsqueeze(1), ds.targets
     except Exception as e:  # offline machines fail here with a long urllib chain
         raise BadInput(f"{name} is not under --data-root {root} and could not be downloaded "
-                       f"({type(e).__name__}); download it there on a machine with internet") from None
+                       f"({type(e).__name__}); download it there on a machine with "
+                       "internet") from None
 
-
-@functools.lru_cache(maxsize=2)  # the kNN monitor and the probe ask again; scanning a folder is slow
+@functools.lru_cache(maxsize=2)  # the kNN monitor and the probe ask again; folder scans are slow
 def base_datasets(name, root):
-    """(train, val, meta), datasets of (image, label); meta: size, channels, classes, stats (mean, std),
-    folder (an ImageFolder root of full-size photos)."""
+    """(train, val, meta): (image, label) datasets; meta: size, channels, classes, stats, folder."""
     if name not in NAMED:
-        for missing in [d for d in (os.path.join(name, "train"), os.path.join(name, "val")) if not os.path.isdir(d)][:1]:
-            raise BadInput(f"--data {name}: no folder {missing}; give an ImageFolder root holding train/ and val/, "
-                           f"or one of {', '.join(NAMED)}")
+        folders = [os.path.join(name, s) for s in ("train", "val")]
+        for missing in [d for d in folders if not os.path.isdir(d)][:1]:
+            raise BadInput(f"--data {name}: no folder {missing}; give an ImageFolder root holding "
+                           f"train/ and val/, or one of {', '.join(NAMED)}")
         try:
-            train, val = (torchvision.datasets.ImageFolder(os.path.join(name, s), loader=load_image) for s in ("train", "val"))
+            train, val = (torchvision.datasets.ImageFolder(d, loader=load_image) for d in folders)
         except (FileNotFoundError, RuntimeError) as e:
             raise BadInput(f"--data {name}: {e}") from None
-        meta = dict(size=224, channels=3, classes=len(train.classes), stats=IMAGENET_STATS, folder=True)
-        return train, val, meta
+        return train, val, dict(size=224, channels=3, classes=len(train.classes),
+                                stats=IMAGENET_STATS, folder=True)
     if name == "synthetic":
         (xt, yt), (xv, yv) = _synthetic(True), _synthetic(False)
     elif name == "fashion-mnist" and os.path.isdir(DEBIAN_FMNIST):
@@ -268,74 +244,69 @@ def base_datasets(name, root):
         (xt, yt), (xv, yv) = (_torchvision_set(name, root, t) for t in (True, False))
     stats = {"cifar10": ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
              "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
-             "fashion-mnist": ((0.286,), (0.353,)), "stl10": IMAGENET_STATS}.get(name, ((0.5,) * 3, (0.25,) * 3))
-    meta = dict(size=xt.shape[-1], channels=xt.shape[1], classes=int(yt.max()) + 1, stats=stats, folder=False)
+             "fashion-mnist": ((0.286,), (0.353,)),
+             "stl10": IMAGENET_STATS}.get(name, ((0.5,) * 3, (0.25,) * 3))
+    meta = dict(size=xt.shape[-1], channels=xt.shape[1], classes=int(yt.max()) + 1, stats=stats,
+                folder=False)
     return TensorDataset(xt, yt), TensorDataset(xv, yv), meta  # uint8 (N, C, H, W) images in memory
-
 
 def subset(ds, n, seed):
     """A fixed random n of the samples of ds (n = 0: all), the same on every rank."""
     keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     return torch.utils.data.Subset(ds, keep) if 0 < n < len(ds) else ds
 
-
 # ----------------------------------------------------------------------------- augmentation
-# SimCLR's recipe (appendix A), per-sample parameters from torch's CPU RNG (checkpointed; torchvision's
-# distributions, tested). Folders: workers decode at reduced size and crop to uint8 (`Crops`); small sets
-# sit on the device. The rest runs in `augment` on the device, in batches. Deviations: colour operations
-# on floats (torchvision rounds uint8 after each); no solarize (SimCLR has none).
-
-
+# SimCLR's recipe (appendix A), per-sample parameters from torch's CPU RNG (checkpointed;
+# torchvision's distributions, tested). Folders: workers decode at reduced size and crop to uint8
+# (`Crops`); small sets sit on the device. The rest runs in `augment` on the device, in batches.
+# Deviations: colour operations on floats (torchvision rounds uint8 after each); no solarize.
 def recipe(meta):
-    """Photos (> 64 px): colour jitter strength 1.0, blur p 0.5, kernel 10% of the side. Small images:
-    strength 0.5 and no blur, as the paper's CIFAR-10 runs. Grayscale data: no colour operations."""
+    """Photos (> 64 px): colour jitter strength 1.0, blur p 0.5, kernel 10% of the side. Small
+    images: strength 0.5, no blur, as the paper's CIFAR-10 runs. Grayscale: no colour operations."""
     large = meta["size"] > 64
     return dict(colour=meta["channels"] == 3, strength=1.0 if large else 0.5,
                 blur=int(0.1 * meta["size"]) // 2 * 2 + 1 if large else 0)
 
-
 def crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params for n crops at once, a float (n, 4) tensor of (top,
-    left, h, w): of 10 tries of area ~ U(scale) x image and a log-uniform aspect ratio the first
-    that fits, else a centre crop of clamped ratio."""
+    """torchvision's RandomResizedCrop.get_params for n crops at once, (n, 4) floats (top, left, h,
+    w): of 10 tries the first that fits, else a centre crop of clamped aspect ratio."""
     area = height * width * torch.empty(n, 10).uniform_(*scale)
     r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
     w, h = (area * r).sqrt().round(), (area / r).sqrt().round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.int().argmax(1, keepdim=True)  # the first try that fits
     w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
-    aspect = min(max(width / height, ratio[0]), ratio[1])  # the centre-crop fallback: the ratio clamped
-    fw, fh = (width, round(width / aspect)) if width / height <= aspect else (round(height * aspect), height)
+    aspect = min(max(width / height, ratio[0]), ratio[1])  # the centre-crop fallback: ratio clamped
+    fw, fh = ((width, round(width / aspect)) if width / height <= aspect
+              else (round(height * aspect), height))
     w, h = torch.where(found, w, float(fw)), torch.where(found, h, float(fh))
     top = torch.where(found, (torch.rand(n) * (height - h + 1)).floor(), ((height - h) // 2))
     left = torch.where(found, (torch.rand(n) * (width - w + 1)).floor(), ((width - w) // 2))
     return torch.stack([top, left, h, w], 1)
 
-
 def sample_augmentation(n, meta, height=None, width=None):
-    """Random parameters for n views, on the CPU: (floats, jitter, lengths). floats (n, 11): crop box (top, left, h,
-    w; zeros without height and width), flip, grayscale, brightness, contrast, saturation, hue, blur sigma (0: none).
-    jitter: 16 index lists (and their lengths), one per (position, operation) of the colour jitter (p 0.8)."""
+    """Random parameters for n views, on the CPU: (floats, jitter, lengths). floats (n, 11): crop
+    box (top, left, h, w; zeros without height and width), flip, gray, brightness, contrast,
+    saturation, hue, blur sigma (0: none); jitter: 16 index lists, per (position, operation)."""
     rec = recipe(meta)
     s = rec["strength"]
     box = crop_boxes(n, height, width) if height else torch.zeros(n, 4)
     flip = (torch.rand(n) < 0.5).float()
-    factors = torch.stack([torch.empty(n).uniform_(max(0, 1 - 0.8 * s), 1 + 0.8 * s) for _ in range(3)]
-                          + [torch.empty(n).uniform_(-0.2 * s, 0.2 * s)], 1)
-    jittered, order = torch.rand(n) < 0.8, torch.rand(n, 4).argsort(1)  # argsort of uniforms: a uniform permutation
+    factors = torch.stack([torch.empty(n).uniform_(max(0, 1 - 0.8 * s), 1 + 0.8 * s)
+                           for _ in range(3)] + [torch.empty(n).uniform_(-0.2 * s, 0.2 * s)], 1)
+    jittered, order = torch.rand(n) < 0.8, torch.rand(n, 4).argsort(1)  # a uniform permutation
     gray = (torch.rand(n) < 0.2).float()
     sigma = torch.empty(n).uniform_(0.1, 2.0) * (torch.rand(n) < 0.5)
     if not rec["colour"]:
         jittered, gray = torch.zeros(n, dtype=torch.bool), torch.zeros(n)
     if not rec["blur"]:
         sigma = torch.zeros(n)
-    jitter = [torch.nonzero(jittered & (order[:, k] == op))[:, 0] for k in range(4) for op in range(4)]
-    return torch.cat([box, flip[:, None], gray[:, None], factors, sigma[:, None]], 1), jitter, [len(j) for j in jitter]
-
+    jitter = [(jittered & (order[:, k] == op)).nonzero()[:, 0] for k in range(4) for op in range(4)]
+    floats = torch.cat([box, flip[:, None], gray[:, None], factors, sigma[:, None]], 1)
+    return floats, jitter, [len(j) for j in jitter]
 
 def _gray(x):
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # ITU-R 601-2, as torchvision
-
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # ITU-R 601-2
 
 def _hue(x, shift):
     """torchvision's adjust_hue (RGB -> HSV, h + shift mod 1, -> RGB) in closed form:
@@ -345,30 +316,31 @@ def _hue(x, shift):
     d = torch.where(delta > 0, delta, 1)
     h = torch.where(v == r, (g - b) / d, torch.where(v == g, (b - r) / d + 2, (r - g) / d + 4))
     h = (h / 6 + shift[:, None, None]) % 1
-    k = (torch.arange(5.0, 0.0, -2.0, device=x.device)[None, :, None, None] + 6 * h[:, None]) % 6  # made on the device: no copy
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # made on the device: no copy
+    k = (n[None, :, None, None] + 6 * h[:, None]) % 6
     return v[:, None] - delta[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
-
-_JITTER = (lambda x, f: x * f[:, None, None, None],  # brightness, contrast, saturation: torchvision's blends
-           lambda x, f: f[:, None, None, None] * x + (1 - f[:, None, None, None]) * _gray(x).mean((2, 3), keepdim=True),
+_JITTER = (lambda x, f: x * f[:, None, None, None],  # brightness, contrast, saturation: blends
+           lambda x, f: (f[:, None, None, None] * x
+                         + (1 - f[:, None, None, None]) * _gray(x).mean((2, 3), keepdim=True)),
            lambda x, f: f[:, None, None, None] * x + (1 - f[:, None, None, None]) * _gray(x),
            _hue)
 
-
 def augment(x, floats, jitter, meta, crop):
-    """The device half of the recipe for a uint8 batch x (n, C, H, W) with sample_augmentation's parameters on
-    x's device: normalised float32 views, channels_last. With `crop`, crop and flip are one bilinear resample to
-    meta's size (coordinates clamped to the box, as resizing the crop does); else x holds the crops already."""
+    """The device half of the recipe: normalised float32 channels_last views of a uint8 batch x
+    (n, C, H, W), sample_augmentation's parameters on its device. With `crop`, crop and flip are one
+    bilinear resample (coordinates clamped to the box, as resizing the crop); else x is crops."""
     size, rec = meta["size"], recipe(meta)
     top, left, h, w, flip, gray = floats[:, :6].unbind(1)
     if crop:
         o = (torch.arange(size, device=x.device) + 0.5) / size
-        ys = torch.minimum(torch.maximum(top[:, None] + o * h[:, None] - 0.5, top[:, None]), (top + h - 1)[:, None])
-        xs = torch.minimum(torch.maximum(left[:, None] + o * w[:, None] - 0.5, left[:, None]), (left + w - 1)[:, None])
+        top, left, h, w = top[:, None], left[:, None], h[:, None], w[:, None]
+        ys = torch.minimum(torch.maximum(top + o * h - 0.5, top), top + h - 1)
+        xs = torch.minimum(torch.maximum(left + o * w - 0.5, left), left + w - 1)
         xs = torch.where(flip[:, None] > 0, xs.flip(1), xs)
         grid = torch.stack(torch.broadcast_tensors(((2 * xs + 1) / x.shape[3] - 1)[:, None, :],
                                                    ((2 * ys + 1) / x.shape[2] - 1)[:, :, None]), 3)
-        x = F.grid_sample(x.float() / 255, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        x = F.grid_sample(x.float() / 255, grid, padding_mode="border", align_corners=False)
     else:
         x = x.float() / 255
         x = torch.where(flip[:, None, None, None] > 0, x.flip(3), x)
@@ -379,27 +351,25 @@ def augment(x, floats, jitter, meta, crop):
                 x.index_copy_(0, idx, _JITTER[i % 4](x[idx], factors[idx, i % 4]).clamp_(0, 1))
         x = torch.where(gray[:, None, None, None] > 0, _gray(x).expand_as(x), x)
     if rec["blur"]:
-        # Per-sample Gaussian kernels as torchvision's (a delta where sigma is 0), separable, one grouped conv.
+        # Per-sample Gaussian kernels as torchvision's (a delta where sigma is 0), separable.
         sigma, k = floats[:, 10], rec["blur"]
         t = torch.arange(k, device=x.device) - k // 2
         pdf = torch.exp(-0.5 * (t / torch.where(sigma > 0, sigma, 1)[:, None]) ** 2)
         kern = torch.where(sigma[:, None] > 0, pdf / pdf.sum(1, keepdim=True), (t == 0).float())
         kern = kern.repeat_interleave(x.shape[1], 0)[:, None]  # (n * C, 1, k)
         y = F.pad(x, [k // 2] * 4, mode="reflect").view(1, -1, size + k - 1, size + k - 1)
-        y = F.conv2d(F.conv2d(y, kern[..., None, :], groups=len(kern)), kern[..., None], groups=len(kern))
-        x = y.view(x.shape)
+        y = F.conv2d(y, kern[..., None, :], groups=len(kern))
+        x = F.conv2d(y, kern[..., None], groups=len(kern)).view(x.shape)
     mean, std = _normalisation(tuple(map(tuple, meta["stats"])), x.device)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
-
-@functools.lru_cache(maxsize=8)  # a host-to-device copy from pageable memory waits for the GPU: make them once
+@functools.lru_cache(maxsize=8)  # a host-to-device copy from pageable memory waits for the GPU
 def _normalisation(stats, device):
     return tuple(torch.tensor(s, device=device)[None, :, None, None] for s in stats)
 
-
 class Crops(Dataset):
-    """Photo folders, the worker half: (n_views uint8 RandomResizedCrops, label, index) per image. Boxes are drawn
-    on the full size; JPEGs decode at the smallest of 1, 1/2, 1/4, 1/8 scale that keeps every crop >= `size` px."""
+    """Photo folders, the worker half: (n_views uint8 RandomResizedCrops, label, index) per image.
+    JPEGs decode at the smallest of 1, 1/2, 1/4, 1/8 scale that keeps every crop >= `size` px."""
 
     def __init__(self, samples, size, n_views):
         self.samples, self.size, self.n_views = samples, size, n_views
@@ -408,28 +378,26 @@ class Crops(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         path, label = self.samples[i]
         try:
             with open(path, "rb") as f:
                 img = Image.open(f)
                 width, height = img.size
                 boxes = crop_boxes(self.n_views, height, width)
-                need = self.size / boxes[:, 2:].min().item()  # the smallest crop's side must stay >= size
+                need = self.size / boxes[:, 2:].min().item()  # the smallest crop stays >= size
                 img.draft("RGB", (math.ceil(width * need), math.ceil(height * need)))
                 img = img.convert("RGB")
         except (OSError, SyntaxError, ValueError) as e:
-            raise BadInput(f"cannot decode image {path} ({type(e).__name__}); delete or replace that file") from None
+            raise BadInput(f"cannot decode image {path} ({type(e).__name__}); "
+                           "delete or replace that file") from None
         sy, sx = img.height / height, img.width / width
-        crops = [img.resize((self.size, self.size), Image.BILINEAR, box=(l * sx, t * sy, (l + w) * sx, (t + h) * sy))
-                 for t, l, h, w in boxes.tolist()]
-        return torch.stack([torchvision.transforms.functional.pil_to_tensor(c) for c in crops]), label, i
-
+        crops = [img.resize((self.size, self.size), Image.BILINEAR,
+                            box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+                 for top, left, h, w in boxes.tolist()]
+        return torch.stack([T.functional.pil_to_tensor(c) for c in crops]), label, i
 
 def train_dataset(name, root, n, seed, n_views):
-    """(pretraining set, meta): all of `name`'s training images or a fixed random n of them (n = 0:
-    all); a Crops set of n_views crops per image for photo folders, else uint8 images and labels."""
+    """(pretraining set, meta): n random training images (0: all), Crops for photo folders."""
     # Under torchrun, local rank 0 reads (and if need be downloads) first, the others after.
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if world() > 1 and not first:
@@ -442,21 +410,21 @@ def train_dataset(name, root, n, seed, n_views):
         return Crops([train.samples[i] for i in keep], meta["size"], n_views), meta
     return TensorDataset(*(t[keep] for t in train.tensors)), meta
 
-
 def augmented_batches(train_set, meta, rows, n_views, workers, device):
-    """(views (n_views, b, C, S, S) float, index (b,)) on the device for each row of `rows` (indices): small
-    sets are a TensorDataset on the device; folders a Crops set read by `workers` workers. Per step only
-    the uint8 crops and the parameters cross to the device, pinned and non-blocking: nothing waits."""
-    to_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
+    """(views (n_views, b, C, S, S), index (b,)) per row of `rows`, on the device: small sets live
+    there, folders use `workers` workers; only uint8 crops and parameters cross, non-blocking."""
+    def to_device(t):
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
     if meta["folder"]:
-        source = DataLoader(train_set, batch_sampler=[r.tolist() for r in rows], num_workers=workers,
-                            pin_memory=device.type == "cuda")
+        source = DataLoader(train_set, batch_sampler=[r.tolist() for r in rows],
+                            num_workers=workers, pin_memory=device.type == "cuda")
     else:
         images = train_set.tensors[0]
         source = ((None, None, idx) for idx in rows)
     for crops, _, idx in source:
         b, n_views = len(idx), n_views if crops is None else crops.shape[1]
-        floats, jitter, lengths = sample_augmentation(n_views * b, meta, *(() if crops is not None else images.shape[2:]))
+        box_from = images.shape[2:] if crops is None else ()  # (height, width): crop on the device
+        floats, jitter, lengths = sample_augmentation(n_views * b, meta, *box_from)
         longs, floats = to_device(torch.cat([idx] + jitter)), to_device(floats)
         idx, jitter = longs[:b], longs[b:].split(lengths)
         if crops is None:  # view v of sample j is row v * b + j
@@ -465,10 +433,9 @@ def augmented_batches(train_set, meta, rows, n_views, workers, device):
             x = crops.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1)
         yield augment(x, floats, jitter, meta, crop=crops is None).unflatten(0, (n_views, b)), idx
 
-
 def eval_transform(meta, train_aug=False):
-    """Eval: resize 256 / centre crop 224 on photo folders (train_aug: MoCo v3's probe RandomResizedCrop + flip),
-    small sets as they are. uint8 out, normalised on the device: float32 would be 154 MB of shm per 256 at 224 px."""
+    """Photo folders: resize 256, centre crop 224 (train_aug: MoCo v3's probe RandomResizedCrop +
+    flip). uint8 out, normalised on the device: float32 would be 154 MB of shm per 256 at 224 px."""
     if not meta["folder"]:
         ops = []
     elif train_aug:
@@ -477,78 +444,73 @@ def eval_transform(meta, train_aug=False):
         ops = [T.Resize(meta["size"] * 8 // 7, antialias=True), T.CenterCrop(meta["size"])]
     return T.Compose([T.ToImage()] + ops)
 
-
 # ----------------------------------------------------------------------------- backbone
-
-
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm1d / 2d, training statistics over all ranks' rows (as many on each): a gather_with_grad of (sum x,
-    sum x^2) per layer, any backend, no host sync (SyncBatchNorm: GPUs only, and it syncs the host every layer)."""
+    """BatchNorm1d / 2d, statistics over all ranks' rows (as many on each) by a gather_with_grad of
+    (sum x, sum x^2) per layer: any backend, no host sync (SyncBatchNorm: GPUs only, host syncs)."""
 
     def forward(self, x):
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        dims, shape, n = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2), x.numel() // x.shape[1] * world()
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
+        n = x.numel() // x.shape[1] * world()
         xf = x.to(self.weight.dtype)  # bf16 under autocast: the statistics in fp32
-        mean, sq = gather_with_grad(torch.stack([xf.sum(dims), xf.square().sum(dims)])[None]).sum(0) / n
+        sums = torch.stack([xf.sum(dims), xf.square().sum(dims)])
+        mean, sq = gather_with_grad(sums[None]).sum(0) / n
         var = (sq - mean.square()).clamp_min(0)  # E[x^2] - E[x]^2, as SimCLR's cross-replica BN
-        with torch.no_grad():  # the same on every rank (no buffer broadcast needed); running_var unbiased
+        with torch.no_grad():  # the same on every rank: no buffer broadcast; running_var unbiased
             self.num_batches_tracked += 1
-            torch._foreach_lerp_([self.running_mean, self.running_var], [mean, var * n / (n - 1)], self.momentum)
+            torch._foreach_lerp_([self.running_mean, self.running_var], [mean, var * n / (n - 1)],
+                                 self.momentum)
         scale = self.weight * (var + self.eps).rsqrt()
         return (xf * scale.view(shape) + (self.bias - mean * scale).view(shape)).to(x.dtype)
 
-
 def global_batchnorm(module):
-    """module with every BatchNorm a GlobalBatchNorm (same parameters, buffers and state_dict keys); module
-    itself when not distributed. As SimCLR: per-GPU statistics of a few dozen samples are noisy."""
+    """module, each BatchNorm a GlobalBatchNorm when distributed: per-GPU statistics are noisy."""
     for parent in list(module.modules()) if world() > 1 else []:
         for name, bn in parent.named_children():
             if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                setattr(parent, name, GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum).to(bn.weight))
-                getattr(parent, name).load_state_dict(bn.state_dict())
+                new = GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum).to(bn.weight)
+                new.load_state_dict(bn.state_dict())
+                setattr(parent, name, new)
     return module
-
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
-
 def make_model(arch, size, channels, device):
-    """nn.Sequential(backbone=torchvision ResNet without fc, projector=Linear-BN-ReLU-Linear 2048-128)
-    for `size` px images of `channels` channels; 64 px or less: SimCLR's CIFAR stem (3x3 conv, no pool)."""
+    """nn.Sequential(backbone=torchvision ResNet without fc, projector=Linear-BN-ReLU-Linear
+    2048-128); images of 64 px or less get SimCLR's CIFAR stem (3x3 conv, no pool)."""
     backbone = getattr(torchvision.models, arch)(weights=None)
     if size <= 64:
         backbone.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
         backbone.maxpool = nn.Identity()
     elif channels != 3:
         backbone.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
-    dim = backbone.fc.in_features
+    backbone.feat_dim = backbone.fc.in_features
     backbone.fc = nn.Identity()
-    projector = nn.Sequential(nn.Linear(dim, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True), nn.Linear(2048, 128))
-    backbone.feat_dim = dim
+    projector = nn.Sequential(nn.Linear(backbone.feat_dim, 2048), nn.BatchNorm1d(2048),
+                              nn.ReLU(inplace=True), nn.Linear(2048, 128))
     model = nn.Sequential(collections.OrderedDict(backbone=backbone, projector=projector))
     return global_batchnorm(model).to(device, memory_format=torch.channels_last)
 
-
 def forward_views(net, views, precision="fp32"):
-    """All views (V, B, C, H, W) in one pass, channels_last, under autocast for precision bf16 or fp16: an
-    fp32 (B, dim) tensor per view. The loss runs outside autocast, so the similarity maths is fp32."""
-    device, dtype = next(net.parameters()).device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    x = views.flatten(0, 1).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    """All views (V, B, C, H, W) in one pass, channels_last, under autocast for precision bf16 or
+    fp16: an fp32 (B, dim) tensor per view. The loss runs outside autocast: its maths is fp32."""
+    device = next(net.parameters()).device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    x = views.flatten(0, 1).to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        z = net(x)
+        z = net(x.contiguous(memory_format=torch.channels_last))
     return z.float().chunk(len(views))
 
-
 # ----------------------------------------------------------------------------- hard mini-batches
-
-
 def _kmeans(x, k, generator, restarts=10, iters=25):
-    """The (k, D) centres of the lowest-inertia of `restarts` runs of k-means++ seeding then Lloyd, as scikit-learn's
-    KMeans in the official code (n_init 10). D^2 sampling by Gumbel-max on uniforms from `generator`: no host sync."""
+    """(k, D) centres: the lowest-inertia of `restarts` runs of k-means++ then Lloyd, as sklearn's
+    KMeans in the official code (n_init 10). D^2 sampling by Gumbel-max: no host sync."""
     best, best_inertia = None, None
     for _ in range(restarts):
-        gumbel = -(-torch.rand(k, len(x), generator=generator).to(x.device).log()).log()  # Gumbel(0, 1)
+        gumbel = -(-torch.rand(k, len(x), generator=generator).to(x.device).log()).log()
         centres = x[gumbel[0].argmax()[None]]  # a 1-d index: a 0-d one would sync the host
         for j in range(1, k):
             d2 = torch.cdist(x, centres).amin(1).square()
@@ -557,19 +519,19 @@ def _kmeans(x, k, generator, restarts=10, iters=25):
             assign = torch.cdist(x, centres).argmin(1)
             sums = torch.zeros_like(centres).index_add_(0, assign, x)
             counts = torch.bincount(assign, minlength=k)[:, None]
-            centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an empty cluster keeps its centre
+            centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # empty: kept
         inertia = torch.cdist(x, centres).amin(1).square().sum()
-        if best is None or restarts == 1:
+        if best is None:
             best, best_inertia = centres, inertia
         else:  # torch.where, not `if`: no host sync
-            best, best_inertia = torch.where(inertia < best_inertia, centres, best), torch.minimum(inertia, best_inertia)
+            best = torch.where(inertia < best_inertia, centres, best)
+            best_inertia = torch.minimum(inertia, best_inertia)
     return best
 
-
 def _equal_size_assign(dist, size):
-    """Each row of dist (m, k), m = k * size, to a column, `size` rows each. Deviation: the paper's Hungarian
-    matching onto `size` copies of each centre is O(m^3); this greedy one O(k m log m): in rounds, every free
-    row picks its nearest centre with room, each centre keeps its nearest pickers up to its room."""
+    """Each row of dist (m, k), m = k * size, to a column, `size` rows each. Deviation: the paper's
+    Hungarian matching onto `size` copies of each centre is O(m^3); this greedy one O(k m log m): in
+    rounds, every free row picks its nearest centre with room, which keeps its nearest pickers."""
     m, k = dist.shape
     assign = torch.full((m,), -1, dtype=torch.long, device=dist.device)
     room = torch.full((k,), size, dtype=torch.long, device=dist.device)
@@ -584,23 +546,19 @@ def _equal_size_assign(dist, size):
         centre = choice[order]
         rank_in = torch.arange(len(order), device=dist.device) - torch.searchsorted(centre, centre)
         take = rank_in < room[centre]
-        if not take.any():
-            raise RuntimeError("equal-size assignment made no progress")  # cannot happen with room == rows left
+        if not take.any():  # cannot happen with room == rows left
+            raise RuntimeError("equal-size assignment made no progress")
         assign[free[order[take]]] = centre[take]
         room -= torch.bincount(centre[take], minlength=k)
         dist[:, room == 0] = float("inf")
 
-
 EIG_TOL = 1e-4
 
-
 def _top_eigenvectors(s, k, generator, degree=10, max_matvecs=400):
-    """The top k eigenvectors of a symmetric s (n, n) with spectrum in [-1, 1], and the largest residual
-    |s x - theta x| of the k Ritz pairs. Chebyshev-filtered subspace iteration (Zhou and Saad 2007) on k + p
-    vectors with Rayleigh-Ritz: each filter is a degree-10 Chebyshev polynomial that is small on [-1, c], c the
-    block's smallest Ritz value, and large above it. Plain subspace iteration needs thousands of steps when the
-    spectrum is flat around the k-th eigenvalue; this reaches EIG_TOL in about 50-100 products (the tests)."""
-    block = min(len(s), k + max(k // 2, 8))  # oversampling: convergence runs on the gap to eigenvalue k + p
+    """The top k eigenvectors of a symmetric s (n, n) with spectrum in [-1, 1] and the largest Ritz
+    residual |s x - theta x|, by Chebyshev-filtered subspace iteration (Zhou and Saad 2007): 50-100
+    products to EIG_TOL, where plain subspace iteration on a flat spectrum needs thousands."""
+    block = min(len(s), k + max(k // 2, 8))  # oversampling: convergence runs on the gap to k + p
     q = torch.linalg.qr(torch.randn(len(s), block, generator=generator).to(s.device)).Q
     matvecs = 0
     while True:
@@ -611,7 +569,7 @@ def _top_eigenvectors(s, k, generator, degree=10, max_matvecs=400):
         matvecs += degree  # the filter's first product is sq
         if residual <= EIG_TOL or matvecs > max_matvecs:
             return q[:, :k], residual
-        # Chebyshev filter on [a, c] = [-1, theta_min], scaled so that the top eigenvalue 1 stays O(1)
+        # Chebyshev filter on [a, c] = [-1, theta_min], scaled so that the top eigenvalue stays O(1)
         e, centre = (theta[-1].item() + 1) / 2, (theta[-1].item() - 1) / 2
         sigma = e / (1 - centre)
         x, q = q, (sq - centre * q) * (sigma / e)
@@ -621,19 +579,15 @@ def _top_eigenvectors(s, k, generator, degree=10, max_matvecs=400):
             sigma = sigma_next
         q = torch.linalg.qr(q).Q
 
-
 def spectral_batches(z1, z2, batch_size, temperature=0.1, clusters=40, generator=None):
-    """Hard mini-batches by spectral clustering, after Cho et al. 2023. z1, z2: (N, D) embeddings of two views
-    of every image; returns LongTensors of batch_size indices, none twice, covering all but fewer than
-    batch_size images. Per shuffled chunk of clusters x B, with u, v the normalised embeddings over sqrt(T),
-    A_ij = log(1 + (B-1) exp(u_i.v_j - u_i.v_i)) + log(1 + (B-1) exp(v_i.u_j - u_i.v_i)) approximates the loss
-    i and j add when they share a batch; W = exp(A + A^T). The `clusters` bottom eigenvectors of W's normalised
-    Laplacian, rows normalised, are split by k-means (k-means++, 10 restarts), then into clusters of exactly B:
-    batches of pairs hard for each other. A last partial chunk gets as many clusters as it holds whole batches.
-    Returns (batches, the largest eigen-residual of any chunk: converged if <= EIG_TOL). Deviations from the
-    official code (krafton-ai/mini-batch-cl), each measured by `bench.py spectral-deviations`: ARPACK there, an
-    iterative solver here; it divides by sqrt(degree), not row normalisation; Hungarian matching there, greedy
-    here (_equal_size_assign); it embeds in train mode (the script's spectral_epoch: eval mode)."""
+    """Hard mini-batches by spectral clustering (Cho et al. 2023) from z1, z2 (N, D), embeddings of
+    two views of every image. Per shuffled chunk of clusters x B, with u, v the normalised
+    embeddings over sqrt(T), A_ij = log(1 + (B-1) exp(u_i.v_j - u_i.v_i)) + log(1 + (B-1)
+    exp(v_i.u_j - u_i.v_i)) approximates the loss i and j add in one batch; W = exp(A + A^T).
+    k-means on the `clusters` bottom eigenvectors of W's normalised Laplacian, then clusters of
+    exactly B; a last partial chunk gets as many as it holds batches. Returns (LongTensors of B
+    indices, none twice; the largest eigen-residual). Deviations from krafton-ai/mini-batch-cl, by
+    `bench.py spectral-deviations`: no ARPACK; eval-mode embeddings; row norms; greedy matching."""
     b = batch_size
     u, v = (F.normalize(z.float(), dim=1) / math.sqrt(temperature) for z in (z1, z2))
     order = torch.randperm(len(u), generator=generator).to(u.device)
@@ -646,33 +600,28 @@ def spectral_batches(z1, z2, batch_size, temperature=0.1, clusters=40, generator
             batches.append(idx)
             continue
         uc, vc = u[idx], v[idx]
-        pos = (uc * vc).sum(1, keepdim=True)
-        a = F.softplus(uc @ vc.T - pos + math.log(b - 1)) + F.softplus(vc @ uc.T - pos + math.log(b - 1))
+        pos, log_b = (uc * vc).sum(1, keepdim=True), math.log(b - 1)
+        a = F.softplus(uc @ vc.T - pos + log_b) + F.softplus(vc @ uc.T - pos + log_b)
         a = a + a.T
-        # No self-loops, as in the official Laplacian: W_ii = exp(A_ii) ~ B^4 would make D^-1/2 W D^-1/2 ~ I.
+        # No self-loops, as in the official Laplacian: W_ii = exp(A_ii) ~ B^4 would make the
+        # normalised W ~ I. D^-1/2 W D^-1/2 in the log domain (no overflow): its eigenvalues lie
+        # in [-1, 1], its top eigenvectors are the Laplacian's bottom ones.
         a.fill_diagonal_(float("-inf"))
-        # D^-1/2 W D^-1/2 in the log domain (no overflow). Its eigenvalues lie in [-1, 1], its top
-        # eigenvectors are the Laplacian's bottom ones.
         log_d = a.logsumexp(1)
         s = torch.exp(a - log_d[:, None] / 2 - log_d[None, :] / 2)
         q, res = _top_eigenvectors(s, k, generator)
         residual = max(residual, res)
-        # Row normalisation (Ng, Jordan and Weiss); rotation-invariant for k-means. Deviation: the official code
-        # (sklearn's spectral_embedding) divides by sqrt(degree) instead.
+        # Row normalisation (Ng, Jordan and Weiss; a deviation, above): rotation-invariant k-means
         emb = F.normalize(q, dim=1)
         assign = _equal_size_assign(torch.cdist(emb, _kmeans(emb, k, generator)), b)
         batches += list(idx[assign.argsort(stable=True)].view(k, b))
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)], residual
 
-
 @torch.no_grad()
 def spectral_epoch(model, train_set, meta, batch, temperature, clusters, seed, precision, workers):
-    """Hard mini-batches from the current model (Cho et al. 2023): two augmented views of every training
-    image are embedded in eval mode, rank 0 clusters them (spectral_batches) and broadcasts the batches, so
-    every rank trains on the same ones. Returns ((n, batch) indices on the CPU, stats to log on rank 0):
-    Cho et al.'s measure, the mean in-batch InfoNCE of these batches and of random ones on the same
-    embeddings (the full-batch loss is the same for both, so higher is a smaller gap to it), the
-    eigenvectors' residual and the seconds it took."""
+    """Hard mini-batches from the current model: rank 0 clusters eval-mode embeddings of two views
+    of every image and broadcasts them, returned as (n, batch) on the CPU. Stats on rank 0: Cho et
+    al.'s measure, the in-batch InfoNCE of these and of random batches (higher: closer to full)."""
     tick, device, mine = time.time(), next(model.parameters()).device, shard(len(train_set))
     model.eval()
     rows = torch.arange(mine.start, mine.stop).split(256)
@@ -697,9 +646,8 @@ def spectral_epoch(model, train_set, meta, batch, temperature, clusters, seed, p
         dist.broadcast(batches, 0)
     return batches.cpu(), stats
 
-
 def in_batch_loss(z, rows, temperature):
-    """The mean NT-Xent within each batch (row of indices) of `rows` on the embeddings z (N, 2, D)."""
+    """The mean NT-Xent within each batch (a row of indices) of `rows` on z (N, 2, D)."""
     losses = []
     for r in rows.to(z.device):
         v = F.normalize(torch.cat([z[r, 0], z[r, 1]]), dim=1)
@@ -708,15 +656,11 @@ def in_batch_loss(z, rows, temperature):
         losses.append((s.logsumexp(1) - s[i, (i + len(r)) % len(v)]).mean())
     return float(torch.stack(losses).mean())
 
-
 # ----------------------------------------------------------------------------- evaluation
-
-
 @torch.no_grad()
 def features(net, ds, workers, precision, stats):
-    """net's fp32 outputs (n, views, dim) and labels for this rank's contiguous shard of `ds` (after
-    gather_rows row i is index i), in eval mode: BN uses, never updates, its running statistics. The
-    workers send uint8 images (eval_transform), normalised with `stats` on the device."""
+    """net's fp32 outputs (n, views, dim) and labels for this rank's shard of `ds` in eval mode (BN
+    uses, never updates, its running statistics); uint8 images, normalised with `stats` here."""
     was_training, device = net.training, next(net.parameters()).device
     net.eval()
     mean, std = (torch.tensor(s, device=device).view(-1, 1, 1) for s in stats)
@@ -729,16 +673,14 @@ def features(net, ds, workers, precision, stats):
     net.train(was_training)
     return torch.cat(out), torch.cat(labels).to(device)
 
-
 def top1_over_ranks(correct, n_local, n_expected):
     """Top-1 in % from per-rank counts; protocol check: every validation image counted once."""
-    stats = torch.tensor([float(correct), float(n_local)], dtype=torch.float64, device=correct.device)
+    stats = correct.new_tensor([float(correct), float(n_local)], dtype=torch.double)
     if world() > 1:
         dist.all_reduce(stats)
     if int(stats[1]) != n_expected:
         raise RuntimeError(f"evaluation saw {int(stats[1])} of {n_expected} validation images")
     return float(100 * stats[0] / stats[1])
-
 
 def knn_top1(backbone, train, val, meta, workers, precision, k=200, temperature=0.1):
     """Weighted kNN (Wu et al. 2018, as InstDisc and MoCo): each validation image's top-k training
@@ -746,8 +688,7 @@ def knn_top1(backbone, train, val, meta, workers, precision, k=200, temperature=
     plain = eval_transform(meta)
     bank, bank_y = features(backbone, Views(train, plain, 1), workers, precision, meta["stats"])
     half = torch.float16 if bank.is_cuda else torch.float32  # ImageNet's bank: 5 GB in fp16
-    bank = gather_rows(F.normalize(bank[:, 0], dim=1).to(half))
-    bank_y = gather_rows(bank_y)
+    bank, bank_y = gather_rows(F.normalize(bank[:, 0], dim=1).to(half)), gather_rows(bank_y)
     q, qy = features(backbone, Views(val, plain, 1), workers, precision, meta["stats"])
     q = F.normalize(q[:, 0], dim=1).to(bank.dtype)
     correct = torch.zeros((), device=q.device)

@@ -1,6 +1,6 @@
 """flatnce.py: FlatNCE pretraining, then linear evaluation.
 
-Chen, Gan, Dai, Chen, Li, Carin, Zhang. Simpler, Faster, Stronger: Breaking the log-K Curse
+Chen, Gan, Li, Guo et al. Simpler, Faster, Stronger: Breaking the log-K Curse
 on Contrastive Learners with FlatNCE. 2021. https://arxiv.org/abs/2107.01152
 
     torchrun --nproc_per_node=8 flatnce.py --data /path/to/imagenet --batch 256
