@@ -396,8 +396,9 @@ class Crops(Dataset):
                  for top, left, h, w in boxes.tolist()]
         return torch.stack([T.functional.pil_to_tensor(c) for c in crops]), label, i
 
-def train_dataset(name, root, n, seed, n_views):
-    """(pretraining set, meta): n random training images (0: all), Crops for photo folders."""
+def train_dataset(name, root, n, seed, n_views, device="cpu"):
+    """(pretraining set, meta): n random training images (0: all), Crops for photo folders; small
+    sets' uint8 images and labels whole on `device`."""
     # Under torchrun, local rank 0 reads (and if need be downloads) first, the others after.
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if world() > 1 and not first:
@@ -408,7 +409,7 @@ def train_dataset(name, root, n, seed, n_views):
     keep = list(subset(range(len(train)), n, seed))
     if meta["folder"]:
         return Crops([train.samples[i] for i in keep], meta["size"], n_views), meta
-    return TensorDataset(*(t[keep] for t in train.tensors)), meta
+    return TensorDataset(*(t[keep].to(device) for t in train.tensors)), meta
 
 def augmented_batches(train_set, meta, rows, n_views, workers, device):
     """(views (n_views, b, C, S, S), index (b,)) per row of `rows`, on the device: small sets live
@@ -508,7 +509,7 @@ def forward_views(net, views, precision="fp32"):
 def _kmeans(x, k, generator, restarts=10, iters=25):
     """(k, D) centres: the lowest-inertia of `restarts` runs of k-means++ then Lloyd, as sklearn's
     KMeans in the official code (n_init 10). D^2 sampling by Gumbel-max: no host sync."""
-    best, best_inertia = None, None
+    best, best_inertia = x[:k], torch.full((), math.inf, dtype=x.dtype, device=x.device)
     for _ in range(restarts):
         gumbel = -(-torch.rand(k, len(x), generator=generator).to(x.device).log()).log()
         centres = x[gumbel[0].argmax()[None]]  # a 1-d index: a 0-d one would sync the host
@@ -521,11 +522,8 @@ def _kmeans(x, k, generator, restarts=10, iters=25):
             counts = torch.bincount(assign, minlength=k)[:, None]
             centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # empty: kept
         inertia = torch.cdist(x, centres).amin(1).square().sum()
-        if best is None:
-            best, best_inertia = centres, inertia
-        else:  # torch.where, not `if`: no host sync
-            best = torch.where(inertia < best_inertia, centres, best)
-            best_inertia = torch.minimum(inertia, best_inertia)
+        best = torch.where(inertia < best_inertia, centres, best)  # not `if`: no host sync
+        best_inertia = torch.minimum(inertia, best_inertia)
     return best
 
 def _equal_size_assign(dist, size):
@@ -618,7 +616,8 @@ def spectral_batches(z1, z2, batch_size, temperature=0.1, clusters=40, generator
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)], residual
 
 @torch.no_grad()
-def spectral_epoch(model, train_set, meta, batch, temperature, clusters, seed, precision, workers):
+def spectral_epoch(model, train_set, meta, batch, temperature, clusters, seed, epoch, precision,
+                   workers):
     """Hard mini-batches from the current model: rank 0 clusters eval-mode embeddings of two views
     of every image and broadcasts them, returned as (n, batch) on the CPU. Stats on rank 0: Cho et
     al.'s measure, the in-batch InfoNCE of these and of random batches (higher: closer to full)."""
@@ -632,7 +631,7 @@ def spectral_epoch(model, train_set, meta, batch, temperature, clusters, seed, p
     batches = torch.empty(len(train_set) // batch, batch, dtype=torch.long, device=z.device)
     stats = {}
     if rank() == 0:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
         found, residual = spectral_batches(z[:, 0], z[:, 1], batch, temperature, clusters, g)
         batches = torch.stack(found)
         random = torch.randperm(len(z), generator=g)[:batches.numel()].view_as(batches)
@@ -646,6 +645,17 @@ def spectral_epoch(model, train_set, meta, batch, temperature, clusters, seed, p
         dist.broadcast(batches, 0)
     return batches.cpu(), stats
 
+def epoch_rows(n, batch, seed, epoch, batches=None):
+    """This rank's share of each of an epoch's global batches, the same on every rank: `batches`
+    (spectral) in a fresh order, or a fresh random partition of range(n) into batches."""
+    if batches is None:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        batches = perm[:n // batch * batch].view(-1, batch)
+    else:
+        order = torch.Generator().manual_seed(seed * 100003 + epoch)  # as spectral_epoch's
+        batches = batches[torch.randperm(len(batches), generator=order)]
+    return batches[:, rank() * batch // world():(rank() + 1) * batch // world()]
+
 def in_batch_loss(z, rows, temperature):
     """The mean NT-Xent within each batch (a row of indices) of `rows` on z (N, 2, D)."""
     losses = []
@@ -658,17 +668,17 @@ def in_batch_loss(z, rows, temperature):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def features(net, ds, workers, precision, stats):
-    """net's fp32 outputs (n, views, dim) and labels for this rank's shard of `ds` in eval mode (BN
-    uses, never updates, its running statistics); uint8 images, normalised with `stats` here."""
+def features(net, ds, transform, workers, precision, stats):
+    """net's fp32 outputs (n, dim) and labels for this rank's shard of `ds`'s images through
+    `transform` (uint8 out, normalised with `stats` here), in eval mode: BN uses its statistics."""
     was_training, device = net.training, next(net.parameters()).device
     net.eval()
-    mean, std = (torch.tensor(s, device=device).view(-1, 1, 1) for s in stats)
+    mean, std = _normalisation(tuple(map(tuple, stats)), device)
     out, labels = [], []
-    for views, y, _ in DataLoader(ds, batch_size=256, sampler=shard(len(ds)), num_workers=workers,
-                                  pin_memory=device.type == "cuda"):  # views: (B, V, C, H, W)
-        x = (views.to(device, non_blocking=True).float() / 255 - mean) / std
-        out.append(torch.stack(forward_views(net, x.transpose(0, 1), precision), 1))
+    for views, y, _ in DataLoader(Views(ds, transform, 1), 256, sampler=shard(len(ds)),
+                                  num_workers=workers, pin_memory=device.type == "cuda"):
+        x = (views.to(device, non_blocking=True).float() / 255 - mean) / std  # (B, 1, C, H, W)
+        out.append(forward_views(net, x.transpose(0, 1), precision)[0])
         labels.append(y)
     net.train(was_training)
     return torch.cat(out), torch.cat(labels).to(device)
@@ -682,15 +692,16 @@ def top1_over_ranks(correct, n_local, n_expected):
         raise RuntimeError(f"evaluation saw {int(stats[1])} of {n_expected} validation images")
     return float(100 * stats[0] / stats[1])
 
-def knn_top1(backbone, train, val, meta, workers, precision, k=200, temperature=0.1):
-    """Weighted kNN (Wu et al. 2018, as InstDisc and MoCo): each validation image's top-k training
-    images by cosine similarity vote with weight exp(sim / T). Top-1 in % over all ranks."""
-    plain = eval_transform(meta)
-    bank, bank_y = features(backbone, Views(train, plain, 1), workers, precision, meta["stats"])
+def knn_top1(backbone, data, root, n, seed, workers, precision, k=200, temperature=0.1):
+    """Weighted kNN (Wu et al. 2018, as InstDisc and MoCo): each validation image's top-k of the n
+    training images (subset) by cosine similarity vote with weight exp(sim / T). Top-1 in %."""
+    train, val, meta = base_datasets(data, root)
+    train, plain = subset(train, n, seed), eval_transform(meta)
+    bank, bank_y = features(backbone, train, plain, workers, precision, meta["stats"])
     half = torch.float16 if bank.is_cuda else torch.float32  # ImageNet's bank: 5 GB in fp16
-    bank, bank_y = gather_rows(F.normalize(bank[:, 0], dim=1).to(half)), gather_rows(bank_y)
-    q, qy = features(backbone, Views(val, plain, 1), workers, precision, meta["stats"])
-    q = F.normalize(q[:, 0], dim=1).to(bank.dtype)
+    bank, bank_y = gather_rows(F.normalize(bank, dim=1).to(half)), gather_rows(bank_y)
+    q, qy = features(backbone, val, plain, workers, precision, meta["stats"])
+    q = F.normalize(q, dim=1).to(bank.dtype)
     correct = torch.zeros((), device=q.device)
     for s in range(0, len(q), 256):
         sim, idx = chunked_topk(q[s:s + 256], bank, k)

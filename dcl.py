@@ -12,9 +12,8 @@ positive term by how hard the pair is (von Mises-Fisher weighting). Defaults: T 
 --dcl-sigma off (DCL), 0.5 when given as in the paper. Everything else follows simclr.py
 (ResNet-50, LARS, lr 0.075 x sqrt(B), wd 1e-6, 10 warmup epochs, 100 epochs, batch 256).
 
-The whole method in one file; common.py holds only data, backbone and similarity code. The
-sections between "# --- copied" and "# --- end copied" lines are simclr.py's, checked by a
-test: `diff simclr.py dcl.py` shows the docstring, the loss, the flags and the train step.
+Sections between "# --- copied" and "# --- end copied" lines are simclr.py's (a test checks):
+`diff simclr.py dcl.py` shows this docstring, the loss, the flags and the train step.
 """
 # --- copied: imports ---
 import argparse
@@ -30,7 +29,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import common
@@ -71,12 +69,12 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
-    p.add_argument("--data", required=True,
-                   help=f"ImageFolder root with train/ and val/, or one of {', '.join(common.NAMED)}")
-    p.add_argument("--data-root", default="./data", help="where named data sets are")
-    p.add_argument("--subset", type=int, default=0, help="a fixed random N training images (0: all)")
+    p.add_argument("--data", required=True, help="ImageFolder root (train/, val/) or a named set: "
+                   + ", ".join(common.NAMED))
+    p.add_argument("--data-root", default="./data", help="where named sets are")
+    p.add_argument("--subset", type=int, default=0, help="a fixed random N training images")
     p.add_argument("--workers", type=int, default=8, help="data loader processes per GPU")
-    p.add_argument("--arch", default="resnet50", help=f"one of {', '.join(common.ARCHS)}")
+    p.add_argument("--arch", default="resnet50", help=", ".join(common.ARCHS))
     # optimisation
     p.add_argument("--batch", type=int, default=256, help="global batch, split across processes")
     p.add_argument("--epochs", type=int, default=100)
@@ -86,26 +84,24 @@ def get_parser():
     p.add_argument("--wd", type=float, default=1e-6)
     # batching: spectral hard mini-batches (Cho et al. 2023)
     p.add_argument("--batching", choices=("random", "spectral"), default="random")
-    p.add_argument("--sc-every", type=int, default=1, help="rebuild spectral batches every N epochs")
+    p.add_argument("--sc-every", type=int, default=1, help="new spectral batches every N epochs")
     p.add_argument("--sc-clusters", type=int, default=40, help="spectral batches made per chunk")
     # loss
     p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument("--chunk-size", type=int, default=None,
-                   help="similarity tiles of N x N (0: dense; default: tiles above 2^26 logits)")
+    p.add_argument("--chunk-size", type=int, default=None, help="N x N similarity tiles (0: dense)")
     # system
     p.add_argument("--out-dir", default="./runs/default", help="resumes if it holds a checkpoint")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="auto: bf16 on GPUs with it, else fp16 with a GradScaler; fp32 on CPU")
     p.add_argument("--compile", nargs="?", const="default",
-                   choices=("default", "reduce-overhead", "max-autotune"),
-                   help="torch.compile the model (reduce-overhead: CUDA graphs)")
+                   choices=("default", "reduce-overhead", "max-autotune"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=20)
     # evaluation
     p.add_argument("--knn-every", type=int, default=10, help="kNN monitor every N epochs (0: off)")
-    p.add_argument("--lin-epochs", type=int, default=None, help="probe epochs (90 folders, 30 small)")
-    p.add_argument("--lin-batch", type=int, default=None, help="probe batch (1024 folders, 256 small)")
-    p.add_argument("--lin-lr", type=float, default=0.1, help="probe lr per 256 images (SGD, cosine)")
+    p.add_argument("--lin-epochs", type=int, default=None, help="90 on folders, else 30")
+    p.add_argument("--lin-batch", type=int, default=None, help="1024 on folders, else 256")
+    p.add_argument("--lin-lr", type=float, default=0.1, help="probe lr per 256 images")
     p.add_argument("--lin-wd", type=float, default=0.0)
     return p
 
@@ -122,17 +118,12 @@ def check_args(args):  # before any file is written
         (args.batch >= 2, f"--batch {args.batch}: a contrastive batch needs at least 2 images"),
         (args.batch % w == 0,
          f"--batch {args.batch} does not divide across {w} processes; use a multiple of {w}"),
-        (args.lr is None or args.lr > 0, "--lr must be > 0"),
-        (args.temperature > 0, "--temperature must be > 0"),
-        (args.lin_lr > 0, "--lin-lr must be > 0"),
+        (all(v is None or v > 0 for v in (args.lr, args.temperature, args.lin_lr)),
+         "--lr, --temperature and --lin-lr must be > 0"),
         (args.lin_batch is None or (args.lin_batch > 0 and args.lin_batch % w == 0),
-         f"--lin-batch {args.lin_batch} must be a positive multiple of the {w} processes"),
+         f"--lin-batch {args.lin_batch} must be a positive multiple of {w}, the processes"),
         (args.arch in common.ARCHS, f"--arch {args.arch}: choose one of {', '.join(common.ARCHS)}"),
-        (args.data in common.NAMED or os.path.isdir(args.data),
-         f"--data {args.data}: no such directory; give an ImageFolder root or one of "
-         f"{', '.join(common.NAMED)}"),
         (not os.path.isfile(args.out_dir), f"--out-dir {args.out_dir} is a file; give a directory"),
-        # pytorch issue 140395: under DDP, max-autotune can keep re-recording CUDA graphs for ever
         (args.compile != "max-autotune" or w == 1, f"--compile max-autotune can hang with {w} "
          "processes (pytorch issue 140395); use --compile default")):
         if not ok:
@@ -155,16 +146,16 @@ def get_args():
 
 # --- copied: setup ---
 def setup(args):
-    """Join the torchrun job if there is one (nccl on GPUs, gloo on the CPU), resolve --precision
-    auto and the lr. Returns this rank's device."""
+    """Join the torchrun job, if any; resolve --precision auto and the lr; this rank's device."""
     cuda = torch.cuda.is_available()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's --nproc_per_node
-    if cuda and per_node > torch.cuda.device_count():  # before any rank waits in init
-        raise BadInput(f"{per_node} processes per node but {torch.cuda.device_count()} GPU(s): use "
-                       f"--nproc_per_node={torch.cuda.device_count()}, or CUDA_VISIBLE_DEVICES= to "
-                       "run on the CPU")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    gpus = torch.cuda.device_count()
+    if cuda and per_node > gpus:  # before any rank waits in init
+        raise BadInput(f"{per_node} processes per node but {gpus} GPU(s): use --nproc_per_node="
+                       f"{gpus}, or CUDA_VISIBLE_DEVICES= to run on the CPU")
+    device = torch.device("cpu")
     if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -172,17 +163,16 @@ def setup(args):
         args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     args.base_lr = scale_lr(args.lr, args.lr_scaling, args.batch)
     torch.manual_seed(args.seed + rank())
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show at once in a piped log
     if rank() == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         print(f"{world()} process(es) on {device.type}; global batch {args.batch} "
-              f"({args.batch // world()} per process); lr {args.base_lr:.4g} "
-              f"({args.lr_scaling} scaling); {args.precision}", flush=True)
+              f"({args.batch // world()} per process); lr {args.base_lr:.4g}; {args.precision}")
     return device
 
 
 def scale_lr(factor, scaling, batch):
-    """SimCLR's appendix B.1: lr = 0.075 x sqrt(B) or 0.3 x B / 256, B the global batch; --lr
-    replaces the 0.075 or 0.3."""
+    """SimCLR's appendix B.1: lr = 0.075 x sqrt(B) or 0.3 x B / 256 (--lr replaces the factor)."""
     if factor is None:
         factor = 0.075 if scaling == "sqrt" else 0.3
     return factor * (math.sqrt(batch) if scaling == "sqrt" else batch / 256)
@@ -196,10 +186,9 @@ def lr_at(step, total, warmup, base):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as SimCLR uses it: weights with more than one dimension get weight
-    decay and the trust ratio eta * ||w|| / ||g + wd w||; biases and BN parameters get the plain
-    SGD-momentum step. Fused foreach kernels and no host sync: at small batches launches are the
-    step time."""
+    """LARS (You et al. 2017) as SimCLR uses it: weights (ndim > 1) get weight decay and the trust
+    ratio eta ||w|| / ||g + wd w||; biases and BN parameters plain SGD momentum. Foreach kernels
+    and no host sync: at small batches launches are the step time."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
@@ -213,25 +202,22 @@ class LARS(torch.optim.Optimizer):
                     self.state[p]["mu"] = torch.zeros_like(p)
             mu = [self.state[p]["mu"] for p in params]
             torch._foreach_mul_(mu, group["momentum"])
-            matrices = [i for i, p in enumerate(params) if p.ndim > 1]
-            vectors = [i for i, p in enumerate(params) if p.ndim <= 1]
-            if matrices:
-                w = [params[i] for i in matrices]
+            w = [p for p in params if p.ndim > 1]
+            if w:
                 d = torch._foreach_add([p.grad for p in w], w, alpha=group["weight_decay"])
-                w_norm = torch.stack(torch._foreach_norm(w))
-                d_norm = torch.stack(torch._foreach_norm(d))
-                trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
-                torch._foreach_addcmul_([mu[i] for i in matrices], list(trust.unbind()), d)
-            if vectors:
-                torch._foreach_add_([mu[i] for i in vectors], [params[i].grad for i in vectors])
+                w_norm, d_norm = (torch.stack(torch._foreach_norm(t)) for t in (w, d))
+                trust = group["eta"] * w_norm / d_norm
+                trust = torch.where((w_norm > 0) & (d_norm > 0), trust, 1.0)
+                torch._foreach_addcmul_([self.state[p]["mu"] for p in w], list(trust.unbind()), d)
+            b = [p for p in params if p.ndim <= 1]
+            if b:
+                torch._foreach_add_([self.state[p]["mu"] for p in b], [p.grad for p in b])
             torch._foreach_add_(params, mu, alpha=-group["lr"])
 # --- end copied: setup ---
 
 
 def make_criterion(args, num_samples, device):
-    """The loss module with the method's per-image state, saved in the checkpoint; DCL's loss is a
-    plain function."""
-    return None
+    return None  # a loss module with per-image state; DCL's loss has none
 
 
 def train_step(net, views, index, criterion, args):
@@ -243,8 +229,7 @@ def train_step(net, views, index, criterion, args):
 
 
 # --- copied: training loop ---
-def save_checkpoint(path, state):
-    """Atomic: a crash mid-write leaves the previous checkpoint whole."""
+def save_checkpoint(path, state):  # atomic: a crash mid-write leaves the last one whole
     with open(path + ".tmp", "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -252,10 +237,8 @@ def save_checkpoint(path, state):
     os.replace(path + ".tmp", path)
 
 
-def rng_states():
-    """Every rank's torch RNG: it draws the augmentations and the workers' seeds."""
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    states = [dict(cpu=torch.get_rng_state(), cuda=cuda)] * world()
+def rng_states():  # every rank's CPU RNG: it draws the augmentations and the workers' seeds
+    states = [torch.get_rng_state()] * world()
     if world() > 1:
         dist.all_gather_object(states, states[0])
     return states
@@ -267,40 +250,36 @@ def log_line(out_dir, record):
             f.write(json.dumps(record) + "\n")
 
 
-def fixed_flags(args):
-    """What a checkpoint cannot continue under another value of; --epochs may change, and a
-    folder may move (pv_views: polyview.py's views per sample)."""
-    data = args.data if args.data in common.NAMED else "<a folder>"
+def fixed_flags(args, images):  # what a run cannot change and continue (--epochs it can)
+    data = args.data if args.data in common.NAMED else f"<a folder of {images} images>"
     return dict(arch=args.arch, batch=args.batch, subset=args.subset, data=data,
-                pv_views=getattr(args, "pv_views", None))
+                pv_views=getattr(args, "pv_views", None))  # polyview.py's views per image
 
 
-def resume(path, model, opt, scaler, criterion, steps_per_epoch, args):
-    """Load the rolling checkpoint, if any: (epoch to start at, saved spectral batches or None).
-    Every rank reads it (a shared file system). One it cannot continue ends the run with one
-    line naming the cause, and is never touched."""
-    found = torch.tensor([float(os.path.exists(path))], device=next(model.parameters()).device)
+def resume(path, model, opt, scaler, criterion, images, args):
+    """(epoch to start at, spectral batches or None) from the rolling checkpoint, if any; one that
+    this run cannot continue ends it with one line, untouched."""
+    found = torch.tensor(float(os.path.exists(path)), device=next(model.parameters()).device)
     if world() > 1:
         dist.all_reduce(found)
-    if 0 < found.item() < world():
-        raise BadInput(f"only some processes see {path}; --out-dir must be on a shared file system")
-    if not found.item():
+    if found == 0:
         return 0, None
+    if found < world():
+        raise BadInput(f"only some processes see {path}; --out-dir must be on a shared file system")
     fix = "move it away to start afresh, or use another --out-dir"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's message for a cut-off file hides the cause
         raise BadInput(f"checkpoint {path} is damaged or truncated ({type(e).__name__}); {fix}")
     script = os.path.basename(__file__)
-    if "fixed" not in ckpt:
-        raise BadInput(f"checkpoint {path} is from an older version of this code; {fix}")
-    if ckpt["script"] != script:
-        raise BadInput(f"checkpoint {path} was written by {ckpt['script']}, this is {script}; {fix}")
-    for flag, now in fixed_flags(args).items():
+    if ckpt.get("script") != script or "fixed" not in ckpt:
+        raise BadInput(f"checkpoint {path} was written by {ckpt.get('script')}, this is {script}; "
+                       + fix)
+    for flag, now in fixed_flags(args, images).items():
         then, name = ckpt["fixed"][flag], "--" + flag.replace("_", "-")
         if now != then:
-            raise BadInput(f"checkpoint {path} was made with {name} {then}, this run has {name} {now}; "
-                           f"use {name} {then} to continue it, or another --out-dir")
+            raise BadInput(f"checkpoint {path} was made with {name} {then}, this run has {name} "
+                           f"{now}; use {name} {then} to continue it, or another --out-dir")
     try:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -309,45 +288,36 @@ def resume(path, model, opt, scaler, criterion, steps_per_epoch, args):
         if criterion is not None:
             criterion.load_state_dict(ckpt["criterion"])
     except Exception as e:
-        raise BadInput(f"checkpoint {path} does not fit this model ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:100]}); {fix}")
-    if ckpt["step"] != ckpt["epoch"] * steps_per_epoch:
-        raise BadInput(f"checkpoint {path} has {ckpt['step'] // max(1, ckpt['epoch'])} steps per "
-                       f"epoch, this run {steps_per_epoch}; use the same data, or another --out-dir")
+        raise BadInput(f"checkpoint {path} does not fit this model ({e!r:.100}); {fix}")
     if len(ckpt["rng"]) == world():  # as many processes: every rank continues its own stream
-        torch.set_rng_state(ckpt["rng"][rank()]["cpu"])
-        if torch.cuda.is_available() and ckpt["rng"][rank()]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"][rank()]["cuda"])
+        torch.set_rng_state(ckpt["rng"][rank()])
     if rank() == 0:
-        print(f"resumed from epoch {ckpt['epoch']} (step {ckpt['step']}) of {path}", flush=True)
+        print(f"resumed from epoch {ckpt['epoch']} (step {ckpt['step']}) of {path}")
     return ckpt["epoch"], ckpt["batches"]
 
 
 def pretrain(args, model, train_set, meta, criterion):
-    """train_step on global batches of --batch images with LARS, warmup + cosine per step, DDP,
-    and after every epoch one rolling checkpoint from which a rerun continues exactly."""
-    device, per_rank = next(model.parameters()).device, args.batch // world()
+    """train_step with LARS, warmup + cosine and DDP; after every epoch a rolling checkpoint, from
+    which a rerun continues exactly."""
+    device = next(model.parameters()).device
     if len(train_set) < args.batch:
         raise BadInput(f"--batch {args.batch} is larger than the {len(train_set)} training images")
-    if not meta["folder"]:  # small sets: the whole uint8 set moves to the device once
-        train_set = torch.utils.data.TensorDataset(*(t.to(device) for t in train_set.tensors))
-    # Whole global batches only: an image is used at most once per epoch, and every rank takes
-    # the same number of equal steps (gather_with_grad needs equal sizes).
+    # Whole global batches only: every rank takes as many equal steps (gather_with_grad needs
+    # equal sizes), and an image is seen at most once an epoch.
     steps_per_epoch = len(train_set) // args.batch
     total, warmup = steps_per_epoch * args.epochs, round(steps_per_epoch * args.warmup_epochs)
     opt = LARS(model.parameters(), lr=args.base_lr, weight_decay=args.wd)
-    # fp16 only: the loss is scaled so that small gradients survive, and a step whose gradients
-    # overflowed is skipped; the schedule moves on all the same, as an unbroken run's.
+    # fp16 only: the loss is scaled so that small gradients survive; a step that overflowed is
+    # skipped, and the schedule moves on as an unbroken run's.
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     path = os.path.join(args.out_dir, "checkpoint.pt")
-    start_epoch, batches = resume(path, model, opt, scaler, criterion, steps_per_epoch, args)
+    stop = f"stopped, the last good checkpoint {path} is intact; lower --lr or check the data"
+    start_epoch, batches = resume(path, model, opt, scaler, criterion, len(train_set), args)
     step, net = start_epoch * steps_per_epoch, model
     if world() > 1:
-        # Global BN keeps the BN buffers equal on every rank: no broadcast before each forward
-        # (the keyword's name depends on the torch version).
-        no_sync = "forward_sync_buffers"
-        if no_sync not in inspect.signature(DistributedDataParallel).parameters:
-            no_sync = "broadcast_buffers"
+        # Global BN keeps the BN buffers equal on every rank: no broadcast before each forward.
+        ddp = inspect.signature(DistributedDataParallel).parameters
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp else "broadcast_buffers"
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                       **{no_sync: False})
     torch.backends.cudnn.benchmark = True
@@ -355,26 +325,19 @@ def pretrain(args, model, train_set, meta, criterion):
         net = torch.compile(net, mode=args.compile)
 
     for epoch in range(start_epoch, args.epochs):
-        # This epoch's global batches, the same on every rank: hard ones (Cho et al. 2023) from
-        # the current model, reshuffled each epoch, or a fresh random partition.
-        seed = args.seed * 100003 + epoch
-        if args.batching == "spectral":
-            if batches is None or epoch % args.sc_every == 0:
-                batches, stats = common.spectral_epoch(
-                    model, train_set, meta, args.batch, args.temperature, args.sc_clusters, seed,
-                    args.precision, args.workers)
-                log_line(args.out_dir, dict(epoch=epoch + 1, **stats))
-            rows = batches[torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))]
-        else:
-            perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
-            rows = perm[:steps_per_epoch * args.batch].view(steps_per_epoch, args.batch)
-        rows = rows[:, rank() * per_rank:(rank() + 1) * per_rank]  # this rank's share
+        if args.batching == "spectral" and (batches is None or epoch % args.sc_every == 0):
+            # Hard mini-batches (Cho et al. 2023) from the current model.
+            batches, stats = common.spectral_epoch(
+                model, train_set, meta, args.batch, args.temperature, args.sc_clusters, args.seed,
+                epoch, args.precision, args.workers)
+            log_line(args.out_dir, dict(epoch=epoch + 1, **stats))
+        spectral = batches if args.batching == "spectral" else None
+        rows = common.epoch_rows(len(train_set), args.batch, args.seed, epoch, spectral)
         data = common.augmented_batches(train_set, meta, rows, args.n_views, args.workers, device)
         model.train()
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         tick, seen = time.time(), 0
-        bar = tqdm(data, desc=f"epoch {epoch + 1}/{args.epochs}", total=steps_per_epoch,
-                   disable=rank() != 0, dynamic_ncols=True, leave=False)
+        bar = tqdm(data, f"epoch {epoch + 1}", steps_per_epoch, disable=rank() != 0, leave=False)
         for i, (views, index) in enumerate(bar):
             lr = lr_at(step, total, warmup, args.base_lr)
             for group in opt.param_groups:
@@ -382,19 +345,18 @@ def pretrain(args, model, train_set, meta, criterion):
             objective, logs = train_step(net, views, index, criterion, args)
             opt.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()
-            scaler.step(opt)  # fp16: unscales, and skips the step if a gradient overflowed
+            scaler.step(opt)
             scaler.update()
             step, seen = step + 1, seen + args.batch
             nonfinite |= ~torch.isfinite(objective.detach())  # checked at log steps: no host sync
             if step % args.log_every == 0 or i == steps_per_epoch - 1:
-                logged = torch.stack([nonfinite.float()] + [v.float() for v in logs.values()])
+                logged = torch.stack([nonfinite.float(), *logs.values()])
                 if world() > 1:  # all ranks stop together; the logs are means over ranks
                     dist.all_reduce(logged)
                 bad, *values = (logged / world()).tolist()  # a host sync: an honest rate
                 logs = dict(zip(logs, values))
                 if bad > 0:
-                    raise BadInput(f"non-finite loss by step {step} ({logs['loss']}); stopped, the "
-                                   f"last good checkpoint {path} is intact; lower --lr or check the data")
+                    raise BadInput(f"non-finite loss by step {step}; {stop}")
                 rate, tick, seen = seen / (time.time() - tick), time.time(), 0
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
                 log_line(args.out_dir, dict(epoch=epoch + 1, step=step, **logs, lr=lr,
@@ -405,24 +367,22 @@ def pretrain(args, model, train_set, meta, criterion):
         if world() > 1:
             dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
         if nonfinite:
-            raise BadInput(f"non-finite loss or weights in epoch {epoch + 1}; stopped, the last good "
-                           f"checkpoint {path} is intact; lower --lr or check the data")
+            raise BadInput(f"non-finite loss or weights in epoch {epoch + 1}; {stop}")
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            train, val, _ = common.base_datasets(args.data, args.data_root)
-            train = common.subset(train, args.subset, args.seed)
             # Before the RNG snapshot: the kNN monitor draws from the RNG too.
-            acc = common.knn_top1(model.backbone, train, val, meta, args.workers, args.precision)
+            acc = common.knn_top1(model.backbone, args.data, args.data_root, args.subset,
+                                  args.seed, args.workers, args.precision)
             log_line(args.out_dir, dict(epoch=epoch + 1, knn_top1=acc))
             if rank() == 0:
-                print(f"epoch {epoch + 1}: kNN top-1 {acc:.2f}%", flush=True)
-        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                print(f"epoch {epoch + 1}: kNN top-1 {acc:.2f}%")
+        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                    scaler=scaler.state_dict(),
                     criterion=criterion.state_dict() if criterion is not None else None,
                     step=step, epoch=epoch + 1, rng=rng_states(), batches=batches, args=vars(args),
-                    fixed=fixed_flags(args), script=os.path.basename(__file__))
+                    fixed=fixed_flags(args, len(train_set)), script=os.path.basename(__file__))
         if rank() == 0:
             save_checkpoint(path, ckpt)
-            print(f"epoch {epoch + 1}/{args.epochs} done: step {step}, loss {logs['loss']:.4f}",
-                  flush=True)
+            print(f"epoch {epoch + 1}/{args.epochs} done: step {step}, loss {logs['loss']:.4f}")
     if rank() == 0:
         torch.save(model.backbone.state_dict(), os.path.join(args.out_dir, "backbone.pt"))
 # --- end copied: training loop ---
@@ -430,73 +390,54 @@ def pretrain(args, model, train_set, meta, criterion):
 
 # --- copied: evaluation ---
 def linear_eval(args, backbone, meta):
-    """Linear probe on the frozen backbone (MoCo v3's protocol: SGD momentum 0.9, lr --lin-lr x
-    B / 256, cosine, wd 0; 90 epochs at B 1024 on photo folders, on augmented crops). Small sets
-    have no probe augmentation, so their features are computed once. The backbone stays in eval
-    mode, checked bit-identical after the first epoch. Prints top-1 in % over all of val."""
-    device = next(backbone.parameters()).device
-    epochs = args.lin_epochs or (90 if meta["folder"] else 30)
-    batch = args.lin_batch or (1024 if meta["folder"] else 256)
-    if batch % world():
-        raise BadInput(f"--lin-batch {batch} does not divide across {world()} processes")
+    """Linear probe on the frozen backbone, MoCo v3's protocol: SGD momentum 0.9, lr --lin-lr x
+    B / 256, cosine, wd 0; on photo folders 90 epochs at B 1024 of new augmented crops each epoch
+    (small sets: no probe augmentation, features computed once). Top-1 in % over all of val."""
+    device, folder = next(backbone.parameters()).device, meta["folder"]
+    epochs = args.lin_epochs or (90 if folder else 30)
+    batch = args.lin_batch or (1024 if folder else 256)
     train, val, _ = common.base_datasets(args.data, args.data_root)
-    train, plain = common.subset(train, args.subset, args.seed), common.eval_transform(meta)
+    train = common.subset(train, args.subset, args.seed)
+    steps = len(train) // batch
+    if batch % world() or steps == 0:
+        raise BadInput(f"--lin-batch {batch} must divide across {world()} processes and be at "
+                       f"most the {len(train)} probe training images")
+    crops = common.eval_transform(meta, train_aug=folder)
     backbone.eval()
     backbone.requires_grad_(False)
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
-    torch.manual_seed(args.seed)  # the same head and data order on every rank
+    torch.manual_seed(args.seed)  # the same head on every rank
     head = nn.Linear(backbone.feat_dim, meta["classes"]).to(device)
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
-    if meta["folder"]:
-        ds = common.Views(train, common.eval_transform(meta, train_aug=True), 1)
-        sampler = DistributedSampler(ds, world(), rank(), shuffle=True, seed=args.seed, drop_last=True)
-        data = torch.utils.data.DataLoader(ds, batch // world(), sampler=sampler, drop_last=True,
-                                           num_workers=args.workers, pin_memory=device.type == "cuda")
-        model, steps = DistributedDataParallel(head) if world() > 1 else head, len(data)
-        mean, std = (torch.tensor(s, device=device).view(-1, 1, 1) for s in meta["stats"])
-    else:  # every rank trains the same head on the same cached features
-        x_train, y_train = common.features(backbone, common.Views(train, plain, 1), args.workers,
-                                    args.precision, meta["stats"])
-        x_train, y_train = common.gather_rows(x_train[:, 0]), common.gather_rows(y_train)
-        model, steps = head, len(x_train) // batch
-    if steps == 0:
-        raise BadInput(f"--lin-batch {batch} is larger than the {len(train)} probe training images")
+    model = DistributedDataParallel(head) if world() > 1 else head  # averages the ranks' grads
     lr = args.lin_lr * batch / 256
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=args.lin_wd)
-    bar = tqdm(range(epochs), desc="linear probe", disable=rank() != 0, dynamic_ncols=True,
-               leave=False)
-    for epoch in bar:
-        if meta["folder"]:
-            sampler.set_epoch(epoch)
-            batches = ((v, y.to(device, non_blocking=True)) for v, y, _ in data)
-        else:
-            perm = torch.randperm(len(x_train), device=device)[:steps * batch].view(steps, batch)
-            batches = ((x_train[p], y_train[p]) for p in perm)
-        for i, (x, y) in enumerate(batches):
+    for epoch in tqdm(range(epochs), desc="linear probe", disable=rank() != 0, leave=False):
+        if folder or epoch == 0:  # this rank's shard of the training set
+            x, y = common.features(backbone, train, crops, args.workers, args.precision,
+                                   meta["stats"])
+        # This rank's share of each global batch, a fresh shuffle of its shard.
+        perm = torch.randperm(len(x), device=device)[:steps * batch // world()].view(steps, -1)
+        for i, rows in enumerate(perm):
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps + i, epochs * steps, 0, lr)
-            if meta["folder"]:
-                with torch.no_grad():
-                    x = (x.to(device, non_blocking=True).float() / 255 - mean) / std
-                    x = common.forward_views(backbone, x.transpose(0, 1), args.precision)[0]
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x[rows]), y[rows])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
         if epoch == 0:  # protocol check: no weight and no BN statistic of the backbone moved
             for k, v in backbone.state_dict().items():
                 if not torch.equal(v, frozen[k]):
                     raise RuntimeError(f"linear protocol violated: backbone's {k} changed")
-    x_val, y_val = common.features(backbone, common.Views(val, plain, 1), args.workers,
-                                   args.precision, meta["stats"])
+    x, y = common.features(backbone, val, common.eval_transform(meta), args.workers,
+                           args.precision, meta["stats"])
     with torch.no_grad():
-        correct = (head(x_val[:, 0]).argmax(1) == y_val).sum()
-    acc = common.top1_over_ranks(correct, len(x_val), len(val))
+        correct = (head(x).argmax(1) == y).sum()
+    acc = common.top1_over_ranks(correct, len(x), len(val))
     log_line(args.out_dir, dict(linear_top1=acc, lin_epochs=epochs, lin_batch=batch, lin_lr=lr))
     if rank() == 0:
-        print(f"linear top-1: {acc:.2f}%", flush=True)  # the last line every script prints
+        print(f"linear top-1: {acc:.2f}%")  # the last line every script prints
     return acc
 # --- end copied: evaluation ---
 
@@ -506,7 +447,7 @@ def main():
     args = get_args()
     device = setup(args)
     train_set, meta = common.train_dataset(args.data, args.data_root, args.subset, args.seed,
-                                           args.n_views)
+                                           args.n_views, device)
     model = common.make_model(args.arch, meta["size"], meta["channels"], device)
     criterion = make_criterion(args, len(train_set), device)
     pretrain(args, model, train_set, meta, criterion)
@@ -516,8 +457,8 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except BadInput as e:  # a mistake the user can fix: one line, no traceback, exit status 2
-        # An error raised in a DataLoader worker arrives inside the worker's traceback text.
+    except BadInput as e:  # one line, no traceback, exit status 2
+        # One raised in a DataLoader worker arrives inside the worker's traceback text.
         print("error: " + str(e).strip().splitlines()[-1].split("BadInput: ")[-1], file=sys.stderr)
         sys.exit(2)
     finally:
