@@ -361,7 +361,8 @@ def short_pretraining(subset, epochs, out_dir):
     simclr.check_args(args)
     args.n_views = 2
     device = simclr.setup(args)
-    train_set, meta = common.train_dataset(args.data, args.data_root, args.subset, args.seed, 2)
+    train_set, meta = common.train_dataset(args.data, args.data_root, args.subset, args.seed, 2,
+                                           device)
     model = common.make_model(args.arch, meta["size"], meta["channels"], device)
     criterion = simclr.make_criterion(args, len(train_set), device)
     simclr.pretrain(args, model, train_set, meta, criterion)
