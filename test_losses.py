@@ -839,10 +839,11 @@ def test_mechanisms_exact_objectives_equal_the_losses_on_the_full_batch():
     torch.testing.assert_close(sog.u, exact_u.view(2, n).mean(0), rtol=1e-12, atol=0)
 
 
-def test_mechanisms_gradient_rescaling_puts_every_loss_on_its_formulas_mean():
-    """bench.mechanism_run divides each loss by its documented gradient factor (2; SogCLR 2T).
-    With gamma 1 SogCLR's u is the batch estimate, so its formula's gradient is DCL's, which is
-    FlatNCE's: the three runs must coincide. A wrong divisor (e.g. 2 for SogCLR) changes the
+def test_mechanisms_every_loss_steps_on_its_formulas_mean():
+    """bench.mechanism_run trains on each loss as it returns it, the gradient of its formula's
+    mean over anchors (SogCLR: the surrogate), with no reference-code factor. With gamma 1
+    SogCLR's u is the batch estimate, so its formula's gradient is DCL's, which is FlatNCE's:
+    the three runs must coincide. A stray factor (e.g. 2T on SogCLR's surrogate) changes the
     step and the result."""
     from bench import mechanism_run
 
