@@ -256,9 +256,8 @@ def subset(ds, n, seed):
     return torch.utils.data.Subset(ds, keep) if 0 < n < len(ds) else ds
 
 # ----------------------------------------------------------------------------- augmentation
-# SimCLR's recipe (appendix A), per-sample parameters from torch's CPU RNG (checkpointed;
-# torchvision's distributions, tested). Folders: workers decode at reduced size and crop to uint8
-# (`Crops`); small sets sit on the device. The rest runs in `augment` on the device, in batches.
+# SimCLR's recipe (appendix A) with torchvision's distributions, drawn from the CPU RNG. Workers
+# crop folders' photos to uint8 (`Crops`); `augment` does the rest on the device, in batches.
 # Deviations: colour operations on floats (torchvision rounds uint8 after each); no solarize.
 def recipe(meta):
     """Photos (> 64 px): colour jitter strength 1.0, blur p 0.5, kernel 10% of the side. Small
@@ -671,8 +670,8 @@ def in_batch_loss(z, rows, temperature):
 def features(net, ds, transform, workers, precision, stats):
     """net's fp32 outputs (n, dim) and labels for this rank's shard of `ds`'s images through
     `transform` (uint8 out, normalised with `stats` here), in eval mode: BN uses its statistics."""
-    was_training, device = net.training, next(net.parameters()).device
-    net.eval()
+    device = next(net.parameters()).device
+    net.eval()  # the training loop sets train mode again at each epoch's start
     mean, std = _normalisation(tuple(map(tuple, stats)), device)
     out, labels = [], []
     for views, y, _ in DataLoader(Views(ds, transform, 1), 256, sampler=shard(len(ds)),
@@ -680,7 +679,6 @@ def features(net, ds, transform, workers, precision, stats):
         x = (views.to(device, non_blocking=True).float() / 255 - mean) / std  # (B, 1, C, H, W)
         out.append(forward_views(net, x.transpose(0, 1), precision)[0])
         labels.append(y)
-    net.train(was_training)
     return torch.cat(out), torch.cat(labels).to(device)
 
 def top1_over_ranks(correct, n_local, n_expected):

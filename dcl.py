@@ -272,9 +272,9 @@ def resume(path, model, opt, scaler, criterion, images, args):
     except Exception as e:  # torch's message for a cut-off file hides the cause
         raise BadInput(f"checkpoint {path} is damaged or truncated ({type(e).__name__}); {fix}")
     script = os.path.basename(__file__)
-    if ckpt.get("script") != script or "fixed" not in ckpt:
-        raise BadInput(f"checkpoint {path} was written by {ckpt.get('script')}, this is {script}; "
-                       + fix)
+    writer = ckpt.get("script") if "fixed" in ckpt else "an older version of this code"
+    if writer != script:
+        raise BadInput(f"checkpoint {path} was written by {writer}, this is {script}; {fix}")
     for flag, now in fixed_flags(args, images).items():
         then, name = ckpt["fixed"][flag], "--" + flag.replace("_", "-")
         if now != then:
