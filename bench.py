@@ -10,12 +10,14 @@
     python bench.py pipeline --data fashion-mnist --arch resnet18 --batch 32
     python bench.py reproduce --dry-run           # docs/results.md's grid: the commands
     python bench.py reproduce --plot accuracy_vs_batch.png  # run it (resumable): table, figure
+    python bench.py data-memory --data stl10 --stand-in  # host memory of loading STL-10
     python bench.py gpu --dry-run                 # the GPU parts, what each measures, budgets
     python bench.py gpu --json bench-gpu.json     # all of them on a GPU machine, fail-soft
     python bench.py gpu --toy                     # every part at tiny sizes on the CPU (a test)
 
 The function behind each command (bench_loss, bench_spectral, bench_spectral_toy,
-bench_spectral_deviations, bench_mechanisms, bench_pipeline, bench_reproduce, bench_gpu) says
+bench_spectral_deviations, bench_mechanisms, bench_pipeline, bench_reproduce, bench_data_memory,
+bench_gpu) says
 what it measures and against which baseline.
 Matplotlib (--plot) and scipy (the Hungarian rows) are imported only where they are used.
 """
@@ -39,7 +41,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2 as T
 
 import common
@@ -600,6 +602,20 @@ def plot_q(rows, sizes, path):
 # ----------------------------------------------------------------------------- pipeline
 
 
+class Views(Dataset):
+    """(views, label, index) of a dataset of (image, label): n_views draws of `transform` each."""
+
+    def __init__(self, base, transform, n_views):
+        self.base, self.transform, self.n_views = base, transform, n_views
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return torch.stack([self.transform(img) for _ in range(self.n_views)]), label, i
+
+
 def torchvision_transform(meta):
     """The baseline: SimCLR's recipe as torchvision composes it, one image at a time on the CPU
     (PIL operations for photos, uint8 tensor operations for the small sets)."""
@@ -696,7 +712,7 @@ def bench_pipeline(args):
         ours = common.Crops(train.samples, meta["size"], 2)
     else:
         ours = torch.utils.data.TensorDataset(train.tensors[0].to(device))
-    theirs = common.Views(train, torchvision_transform(meta), 2)
+    theirs = Views(train, torchvision_transform(meta), 2)
 
     def project(batch, rows=None):  # (b): random global batches, as many as the timing needs
         if rows is None:
@@ -1086,6 +1102,65 @@ def bench_gpu(args):
     print(f"wrote {args.json}")
 
 
+# ----------------------------------------------------------------------------- data memory
+
+
+MEMORY_PROBE = """
+import re, sys, time
+sys.path.insert(0, {here!r})
+start = time.time()
+if {ours}:
+    import common
+    kept = common.train_dataset({data!r}, {root!r}, 0, 0, 2)[0].tensors
+else:
+    import torchvision
+    torchvision.datasets.STL10._check_integrity = lambda self: True  # a stand-in's sums differ
+    kept = torchvision.datasets.STL10({root!r}, split="train+unlabeled").data,
+seconds, images = time.time() - start, len(kept[0])
+kib = {{k: int(re.search(k + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+       for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}}
+print(images, seconds, *(kib[k] / 2 ** 20 for k in kib))
+"""
+
+
+def bench_data_memory(args):
+    """Host memory of loading a pretraining set, each reader in a fresh process (Linux only):
+    common.train_dataset on the CPU against torchvision's reader (STL-10 train+unlabeled): peak
+    RSS, then RSS with its anonymous and file-backed parts, in GiB. --stand-in first writes a
+    full-size random STL-10 into --data-root where its files are absent (offline machines)."""
+    root = args.data_root
+    folder = os.path.join(root, "stl10_binary")
+    if args.stand_in and not os.path.exists(os.path.join(folder, "unlabeled_X.bin")):
+        os.makedirs(folder, exist_ok=True)
+        g = torch.Generator().manual_seed(0)
+        for split, n in (("train", 5000), ("test", 8000), ("unlabeled", 100000)):
+            with open(os.path.join(folder, f"{split}_X.bin"), "wb") as f:
+                for i in range(0, n, 5000):
+                    f.write(torch.randint(0, 256, (min(5000, n - i), 27648), generator=g,
+                                          dtype=torch.uint8).numpy().tobytes())
+            if split != "unlabeled":
+                (torch.arange(n) % 10 + 1).to(torch.uint8).numpy().tofile(
+                    os.path.join(folder, f"{split}_y.bin"))
+    print(f"{args.data} from {root}: load, peak RSS, then RSS = anonymous + file-backed (GiB)")
+    rows = {}
+    for name, ours in (("common.train_dataset", True), ("torchvision STL10", False)):
+        if not ours and args.data != "stl10":
+            continue
+        code = MEMORY_PROBE.format(here=os.path.dirname(os.path.abspath(__file__)), ours=ours,
+                                   data=args.data, root=root)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        if out.returncode:
+            sys.exit(f"error: {name} failed: {out.stderr.strip().splitlines()[-1]}")
+        images, seconds, peak, rss, anon, file = (float(x) for x in out.stdout.split()[-6:])
+        rows[name] = peak
+        print(f"  {name:22s} {int(images):7d} images {seconds:6.1f} s  peak {peak:5.2f}  "
+              f"after {rss:5.2f} = {anon:5.2f} + {file:5.2f}")
+    if len(rows) == 2:
+        print(f"  peak RSS ratio (ours / torchvision): "
+              f"{rows['common.train_dataset'] / rows['torchvision STL10']:.2f}")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -1093,13 +1168,16 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("loss", "loss-one", "spectral", "spectral-toy",
                                      "spectral-deviations", "mechanisms", "pipeline", "reproduce",
-                                     "gpu"))
+                                     "data-memory", "gpu"))
     p.add_argument("--views", default=None, help="comma-separated view counts (loss-one: one)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--chunk", type=int, default=4096, help="tile size of the chunked path")
     p.add_argument("--mode", choices=("dense", "chunked"), default="chunked", help="loss-one only")
     p.add_argument("--data", default=None, help="pipeline: ImageFolder root or named small set "
                    "(default: synthetic JPEGs)")
+    p.add_argument("--data-root", default="./data", help="data-memory: where named sets are")
+    p.add_argument("--stand-in", action="store_true",
+                   help="data-memory: write a full-size random STL-10 there if it is absent")
     p.add_argument("--images", type=int, default=5000, help="pipeline: synthetic JPEGs to make")
     p.add_argument("--arch", default="resnet50", choices=common.ARCHS)
     p.add_argument("--batch", type=int, default=256)
@@ -1165,6 +1243,8 @@ def main():
         bench_spectral_deviations(args)
     elif args.what == "mechanisms":
         bench_mechanisms(args)
+    elif args.what == "data-memory":
+        bench_data_memory(args)
     else:
         seconds, peak = loss_step(int(args.views), args.mode, args.device or "cpu", args.chunk)
         print(json.dumps(dict(views=int(args.views), mode=args.mode, seconds=seconds,

@@ -165,19 +165,7 @@ def chunked_topk(queries, bank, k, chunk=65536):
 NAMED = ("cifar10", "cifar100", "stl10", "fashion-mnist", "synthetic")
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-class Views(Dataset):
-    """(views, label, index) of a dataset of (image, label): n_views draws of `transform` each."""
-
-    def __init__(self, base, transform, n_views):
-        self.base, self.transform, self.n_views = base, transform, n_views
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        return torch.stack([self.transform(img) for _ in range(self.n_views)]), label, i
+PHOTOS = dict(size=224, channels=3, stats=IMAGENET_STATS, folder=True)  # the meta of folders
 
 def load_image(path):
     """PIL loader that names the broken file instead of failing deep inside PIL."""
@@ -204,15 +192,32 @@ def _synthetic(train):
     x = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1 if train else 2))
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
-def _torchvision_set(name, root, train):
+def _stl10(root, splits):
+    """STL-10's binary files (torchvision's layout) as uint8 images (N, 3, 96, 96) and labels 0-9,
+    -1 for `unlabeled`, read straight into one tensor: one copy in memory."""
+    path = os.path.join(root, "stl10_binary", "{}_{}.bin").format
+    if not all(os.path.exists(path(s, "X")) for s in splits):  # the whole archive, 2.6 GB
+        stl = torchvision.datasets.STL10
+        torchvision.datasets.utils.download_and_extract_archive(stl.url, root, md5=stl.tgz_md5)
+    sizes = [os.path.getsize(path(s, "X")) // (3 * 96 * 96) for s in splits]
+    x = torch.empty(sum(sizes), 3, 96, 96, dtype=torch.uint8)
+    for s, part in zip(splits, x.split(sizes)):
+        with open(path(s, "X"), "rb") as f:
+            f.readinto(part.numpy())
+    y = [torch.tensor(list(open(path(s, "y"), "rb").read())) - 1 if s != "unlabeled"
+         else torch.full((n,), -1) for s, n in zip(splits, sizes)]
+    return x.transpose(2, 3), torch.cat(y)  # each channel is stored column by column
+
+def _torchvision_set(name, root, split):
+    """(uint8 images (N, C, H, W), labels) of split train, test or (STL-10) train+unlabeled, read
+    from root, downloaded there first if absent."""
     try:
-        if name in ("cifar10", "cifar100"):
-            ds = getattr(torchvision.datasets, name.upper())(root, train=train, download=True)
-            return torch.from_numpy(ds.data).movedim(3, 1).contiguous(), torch.tensor(ds.targets)
         if name == "stl10":
-            ds = torchvision.datasets.STL10(root, split="train" if train else "test", download=True)
-            return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
-        ds = torchvision.datasets.FashionMNIST(root, train=train, download=True)
+            return _stl10(root, split.split("+"))
+        if name in ("cifar10", "cifar100"):
+            ds = getattr(torchvision.datasets, name.upper())(root, split == "train", download=True)
+            return torch.from_numpy(ds.data).movedim(3, 1).contiguous(), torch.tensor(ds.targets)
+        ds = torchvision.datasets.FashionMNIST(root, split == "train", download=True)
         return ds.data.unsqueeze(1), ds.targets
     except Exception as e:  # offline machines fail here with a long urllib chain
         raise BadInput(f"{name} is not under --data-root {root} and could not be downloaded "
@@ -225,14 +230,13 @@ def base_datasets(name, root):
     if name not in NAMED:
         folders = [os.path.join(name, s) for s in ("train", "val")]
         for missing in [d for d in folders if not os.path.isdir(d)][:1]:
-            raise BadInput(f"--data {name}: no folder {missing}; give an ImageFolder root holding "
+            raise BadInput(f"{name}: no folder {missing}; give an ImageFolder root holding "
                            f"train/ and val/, or one of {', '.join(NAMED)}")
         try:
             train, val = (torchvision.datasets.ImageFolder(d, loader=load_image) for d in folders)
         except (FileNotFoundError, RuntimeError) as e:
-            raise BadInput(f"--data {name}: {e}") from None
-        return train, val, dict(size=224, channels=3, classes=len(train.classes),
-                                stats=IMAGENET_STATS, folder=True)
+            raise BadInput(f"{name}: {e}") from None
+        return train, val, dict(PHOTOS, classes=len(train.classes))
     if name == "synthetic":
         (xt, yt), (xv, yv) = _synthetic(True), _synthetic(False)
     elif name == "fashion-mnist" and os.path.isdir(DEBIAN_FMNIST):
@@ -241,7 +245,7 @@ def base_datasets(name, root):
         xt, yt, xv, yv = (_read_idx(f) for f in files)
         xt, xv, yt, yv = xt.unsqueeze(1), xv.unsqueeze(1), yt.long(), yv.long()
     else:
-        (xt, yt), (xv, yv) = (_torchvision_set(name, root, t) for t in (True, False))
+        (xt, yt), (xv, yv) = (_torchvision_set(name, root, s) for s in ("train", "test"))
     stats = {"cifar10": ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
              "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
              "fashion-mnist": ((0.286,), (0.353,)),
@@ -395,20 +399,51 @@ class Crops(Dataset):
                  for top, left, h, w in boxes.tolist()]
         return torch.stack([T.functional.pil_to_tensor(c) for c in crops]), label, i
 
-def train_dataset(name, root, n, seed, n_views, device="cpu"):
-    """(pretraining set, meta): n random training images (0: all), Crops for photo folders; small
-    sets' uint8 images and labels whole on `device`."""
+def has_labels(name):
+    """Whether --data `name` has labels to evaluate on: a named set or a folder with train/."""
+    return name in NAMED or os.path.isdir(os.path.join(name, "train"))
+
+def _unlabelled(folder):
+    """(path, -1) for every image file under `folder`, recursively: a folder without labels."""
+    kinds = torchvision.datasets.folder.IMG_EXTENSIONS
+    found = [(os.path.join(d, f), -1) for d, _, files in sorted(os.walk(folder, followlinks=True))
+             for f in sorted(files) if f.lower().endswith(kinds)]
+    if not found:
+        raise BadInput(f"--data {folder}: no image files ({' '.join(kinds)}) under it; give a "
+                       "folder of images, an ImageFolder root (train/, val/) or one of "
+                       + ", ".join(NAMED))
+    return found
+
+def train_dataset(name, root, n, seed, n_views, device="cpu", eval_data=None):
+    """(pretraining set, meta): n random training images (0: all). Photo folders: Crops of train/,
+    or of every image under `name` if it has no train/ (no labels). STL-10: train + unlabeled, as
+    its papers pretrain. Small sets: uint8 images whole on `device`. Reads `eval_data` too: a
+    mistake there stops the run now, not after pretraining."""
     # Under torchrun, local rank 0 reads (and if need be downloads) first, the others after.
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if world() > 1 and not first:
         dist.barrier()
-    train, _, meta = base_datasets(name, root)
+    if has_labels(name):
+        train, _, meta = base_datasets(name, root)
+        samples = train.samples if meta["folder"] else None
+    else:
+        samples, meta = _unlabelled(name), dict(PHOTOS, classes=0)
+    if name == "stl10":
+        train = TensorDataset(*_torchvision_set(name, root, "train+unlabeled"))
+    evaluation = base_datasets(eval_data, root) if eval_data else None
     if world() > 1 and first:
         dist.barrier()
-    keep = list(subset(range(len(train)), n, seed))
-    if meta["folder"]:
-        return Crops([train.samples[i] for i in keep], meta["size"], n_views), meta
-    return TensorDataset(*(t[keep].to(device) for t in train.tensors)), meta
+    if evaluation and evaluation[2]["channels"] != meta["channels"]:
+        raise BadInput(f"--eval-data {eval_data} has {evaluation[2]['channels']} channel(s), "
+                       f"--data {name} {meta['channels']}; evaluate on images like those")
+    keep = list(subset(range(len(samples or train)), n, seed))
+    if rank() == 0:  # the images each stage uses
+        print(f"pretraining on {len(keep)} images" + (
+            f"; kNN monitor and linear probe on {len(subset(evaluation[0], n, seed))} training, "
+            f"{len(evaluation[1])} validation images" if evaluation else ""))
+    if samples:
+        return Crops([samples[i] for i in keep], meta["size"], n_views), meta
+    return TensorDataset(*((t[keep] if n else t).to(device) for t in train.tensors)), meta
 
 def augmented_batches(train_set, meta, rows, n_views, workers, device):
     """(views (n_views, b, C, S, S), index (b,)) per row of `rows`, on the device: small sets live
@@ -533,21 +568,18 @@ def _equal_size_assign(dist, size):
     assign = torch.full((m,), -1, dtype=torch.long, device=dist.device)
     room = torch.full((k,), size, dtype=torch.long, device=dist.device)
     dist = torch.nan_to_num(dist.float(), nan=1e30, posinf=1e30)  # full centres alone are +inf
-    while True:
+    while (assign < 0).any():  # progress every round: a centre with room takes its nearest
         free = (assign < 0).nonzero().squeeze(1)
-        if len(free) == 0:
-            return assign
         choice = dist[free].argmin(1)
         order = dist[free, choice].argsort()
         order = order[choice[order].argsort(stable=True)]  # by centre, nearest first
         centre = choice[order]
         rank_in = torch.arange(len(order), device=dist.device) - torch.searchsorted(centre, centre)
         take = rank_in < room[centre]
-        if not take.any():  # cannot happen with room == rows left
-            raise RuntimeError("equal-size assignment made no progress")
         assign[free[order[take]]] = centre[take]
         room -= torch.bincount(centre[take], minlength=k)
         dist[:, room == 0] = float("inf")
+    return assign
 
 EIG_TOL = 1e-4
 
@@ -666,6 +698,9 @@ def in_batch_loss(z, rows, temperature):
     return float(torch.stack(losses).mean())
 
 # ----------------------------------------------------------------------------- evaluation
+def _collate(transform, batch):  # in the workers: (images through transform, labels)
+    return torch.stack([transform(x) for x, _ in batch]), torch.tensor([int(y) for _, y in batch])
+
 @torch.no_grad()
 def features(net, ds, transform, workers, precision, stats):
     """net's fp32 outputs (n, dim) and labels for this rank's shard of `ds`'s images through
@@ -674,10 +709,11 @@ def features(net, ds, transform, workers, precision, stats):
     net.eval()  # the training loop sets train mode again at each epoch's start
     mean, std = _normalisation(tuple(map(tuple, stats)), device)
     out, labels = [], []
-    for views, y, _ in DataLoader(Views(ds, transform, 1), 256, sampler=shard(len(ds)),
-                                  num_workers=workers, pin_memory=device.type == "cuda"):
-        x = (views.to(device, non_blocking=True).float() / 255 - mean) / std  # (B, 1, C, H, W)
-        out.append(forward_views(net, x.transpose(0, 1), precision)[0])
+    for x, y in DataLoader(ds, 256, sampler=shard(len(ds)), num_workers=workers,
+                           collate_fn=functools.partial(_collate, transform),
+                           pin_memory=device.type == "cuda"):
+        x = (x.to(device, non_blocking=True).float() / 255 - mean) / std
+        out.append(forward_views(net, x[None], precision)[0])
         labels.append(y)
     return torch.cat(out), torch.cat(labels).to(device)
 

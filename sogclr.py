@@ -12,12 +12,10 @@ denominator, and the gradient uses u_i: the paper's batch 256 matches SimCLR at 
 defaults are its recipe: ResNet-50, batch 256, LARS, lr 0.075 x sqrt(B), wd 1e-6, T 0.1,
 gamma 0.9, 800 epochs (10 warmup).
 
-Sections between "# --- copied" and "# --- end copied" lines are simclr.py's (a test checks):
-`diff simclr.py sogclr.py` shows this docstring, the loss, the flags and the train step.
+The "# --- copied" sections are simclr.py's; `diff simclr.py sogclr.py` shows the rest.
 """
 # --- copied: imports ---
 import argparse
-import inspect
 import json
 import math
 import os
@@ -78,8 +76,9 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
-    p.add_argument("--data", required=True, help="ImageFolder root (train/, val/) or a named set: "
-                   + ", ".join(common.NAMED))
+    p.add_argument("--data", required=True, help="ImageFolder root (train/, val/), a folder of "
+                   "images, or a named set: " + ", ".join(common.NAMED))
+    p.add_argument("--eval-data", help="labelled data for kNN and probe (default: --data)")
     p.add_argument("--data-root", default="./data", help="where named sets are")
     p.add_argument("--subset", type=int, default=0, help="a fixed random N training images")
     p.add_argument("--workers", type=int, default=8, help="data loader processes per GPU")
@@ -133,6 +132,8 @@ def check_args(args):  # before any file is written
          f"--lin-batch {args.lin_batch} must be a positive multiple of {w}, the processes"),
         (args.arch in common.ARCHS, f"--arch {args.arch}: choose one of {', '.join(common.ARCHS)}"),
         (not os.path.isfile(args.out_dir), f"--out-dir {args.out_dir} is a file; give a directory"),
+        (args.precision != "fp16" or torch.cuda.is_available(),
+         "--precision fp16 is for GPUs without bf16; on the CPU use fp32"),
         (args.compile != "max-autotune" or w == 1, f"--compile max-autotune can hang with {w} "
          "processes (pytorch issue 140395); use --compile default")):
         if not ok:
@@ -143,13 +144,12 @@ def check_args(args):  # before any file is written
 def get_args():
     p = get_parser()
     p.set_defaults(epochs=800)  # the paper's ImageNet schedule
-    # SogCLR
     p.add_argument("--sogclr-gamma", type=float, default=0.9,
                    help="moving-average weight of the new batch estimate")
     args = p.parse_args()
     check_args(args)
     if not 0 < args.sogclr_gamma <= 1:
-        raise BadInput(f"--sogclr-gamma {args.sogclr_gamma} must be in (0, 1] (the paper uses 0.9)")
+        raise BadInput(f"--sogclr-gamma {args.sogclr_gamma} must be in (0, 1]")
     args.n_views = 2
     return args
 
@@ -172,6 +172,7 @@ def setup(args):
     if args.precision == "auto":
         args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     args.base_lr = scale_lr(args.lr, args.lr_scaling, args.batch)
+    args.eval_data = args.eval_data or (args.data if common.has_labels(args.data) else None)
     torch.manual_seed(args.seed + rank())
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show at once in a piped log
     if rank() == 0:
@@ -234,9 +235,8 @@ def train_step(net, views, index, criterion, args):
     """This rank's views (2, B, C, H, W) of images `index`: (what to differentiate, what to log)."""
     z1, z2 = common.forward_views(net, views, args.precision)  # autocast forward, fp32 outputs
     surrogate, loss = criterion(z1, z2, index)
-    # The official surrogate (Optimization-AI/SogCLR, sogclr/builder.py) takes raw cosines, no
-    # 1/T, and sums the two views' terms: 2T x the formula's gradient, with which the paper's
-    # LARS recipe was tuned (LARS hides it from the weights, not from biases and BN).
+    # 2T: the official surrogate (sogclr/builder.py) takes cosines without 1/T and sums the two
+    # views' terms; the paper's LARS recipe was tuned with that gradient (on biases and BN).
     return 2 * args.temperature * surrogate, {"loss": loss}
 
 
@@ -265,7 +265,7 @@ def log_line(out_dir, record):
 def fixed_flags(args, images):  # what a run cannot change and continue (--epochs it can)
     data = args.data if args.data in common.NAMED else f"<a folder of {images} images>"
     return dict(arch=args.arch, batch=args.batch, subset=args.subset, data=data,
-                pv_views=getattr(args, "pv_views", None))  # polyview.py's views per image
+                pv_views=getattr(args, "pv_views", None))
 
 
 def resume(path, model, opt, scaler, criterion, images, args):
@@ -327,11 +327,8 @@ def pretrain(args, model, train_set, meta, criterion):
     start_epoch, batches = resume(path, model, opt, scaler, criterion, len(train_set), args)
     step, net = start_epoch * steps_per_epoch, model
     if world() > 1:
-        # Global BN keeps the BN buffers equal on every rank: no broadcast before each forward.
-        ddp = inspect.signature(DistributedDataParallel).parameters
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp else "broadcast_buffers"
-        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                      **{no_sync: False})
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        net.broadcast_buffers = False  # global BN keeps BN buffers equal: no broadcast per forward
     torch.backends.cudnn.benchmark = True
     if args.compile:
         net = torch.compile(net, mode=args.compile)
@@ -372,7 +369,7 @@ def pretrain(args, model, train_set, meta, criterion):
                 rate, tick, seen = seen / (time.time() - tick), time.time(), 0
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
                 log_line(args.out_dir, dict(epoch=epoch + 1, step=step, **logs, lr=lr,
-                                            img_per_s=rate, views_per_s=rate * len(views)))
+                                            img_per_s=rate))
         bar.close()
         # The weights too: a last step can blow them up after a finite loss.
         nonfinite |= ~torch.stack([p.isfinite().all() for p in model.parameters()]).all()
@@ -380,9 +377,10 @@ def pretrain(args, model, train_set, meta, criterion):
             dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
         if nonfinite:
             raise BadInput(f"non-finite loss or weights in epoch {epoch + 1}; {stop}")
-        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+        if args.eval_data and args.knn_every and ((epoch + 1) % args.knn_every == 0
+                                                  or epoch + 1 == args.epochs):
             # Before the RNG snapshot: the kNN monitor draws from the RNG too.
-            acc = common.knn_top1(model.backbone, args.data, args.data_root, args.subset,
+            acc = common.knn_top1(model.backbone, args.eval_data, args.data_root, args.subset,
                                   args.seed, args.workers, args.precision)
             log_line(args.out_dir, dict(epoch=epoch + 1, knn_top1=acc))
             if rank() == 0:
@@ -401,21 +399,20 @@ def pretrain(args, model, train_set, meta, criterion):
 
 
 # --- copied: evaluation ---
-def linear_eval(args, backbone, meta):
+def linear_eval(args, backbone):
     """Linear probe on the frozen backbone, MoCo v3's protocol: SGD momentum 0.9, lr --lin-lr x
     B / 256, cosine, wd 0; on photo folders 90 epochs at B 1024 of new augmented crops each epoch
     (small sets: no probe augmentation, features computed once). Top-1 in % over all of val."""
+    train, val, meta = common.base_datasets(args.eval_data, args.data_root)
+    train = common.subset(train, args.subset, args.seed)
     device, folder = next(backbone.parameters()).device, meta["folder"]
     epochs = args.lin_epochs or (90 if folder else 30)
     batch = args.lin_batch or (1024 if folder else 256)
-    train, val, _ = common.base_datasets(args.data, args.data_root)
-    train = common.subset(train, args.subset, args.seed)
     steps = len(train) // batch
     if batch % world() or steps == 0:
         raise BadInput(f"--lin-batch {batch} must divide across {world()} processes and be at "
                        f"most the {len(train)} probe training images")
     crops = common.eval_transform(meta, train_aug=folder)
-    backbone.eval()
     backbone.requires_grad_(False)
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
     torch.manual_seed(args.seed)  # the same head on every rank
@@ -459,11 +456,14 @@ def main():
     args = get_args()
     device = setup(args)
     train_set, meta = common.train_dataset(args.data, args.data_root, args.subset, args.seed,
-                                           args.n_views, device)
+                                           args.n_views, device, args.eval_data)
     model = common.make_model(args.arch, meta["size"], meta["channels"], device)
     criterion = make_criterion(args, len(train_set), device)
     pretrain(args, model, train_set, meta, criterion)
-    linear_eval(args, model.backbone, meta)  # prints `linear top-1: XX.XX%`, the last line
+    if args.eval_data:
+        linear_eval(args, model.backbone)
+    elif rank() == 0:
+        print(f"no labels, no evaluation (see --eval-data); backbone: {args.out_dir}/backbone.pt")
 
 
 if __name__ == "__main__":

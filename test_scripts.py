@@ -366,25 +366,43 @@ def test_kill_9_mid_epoch_resumes_bit_identical(tmp_path):
         assert torch.equal(v["mu"], b["optimizer"]["state"][k]["mu"]), k
 
 
-def test_fp16_with_grad_scaler_checkpoints_and_resumes_exactly(tmp_path):
-    """--precision fp16 on the CPU (autocast + GradScaler): the scaler state is in the
-    checkpoint, and one epoch plus a resumed one ends bit-identical, scaler included, to two
-    epochs in one go."""
+def test_fp16_is_refused_on_the_cpu():
+    p = run("simclr.py", "--data", "synthetic", "--precision", "fp16")
+    assert_one_clear_line(p, "--precision fp16 is for GPUs without bf16", "use fp32")
+
+
+def test_fp16_grad_scaler_is_checkpointed_and_resumes_exactly(tmp_path, monkeypatch):
+    """The fp16 path's GradScaler: its state is in the checkpoint, and one epoch plus a resumed
+    one ends bit-identical, scaler included, to two epochs in one go. In process, with the
+    forward in fp32: CPU fp16 autocast is refused (minutes a step), and what this checks is the
+    scaler's bookkeeping, which is the same on every device."""
+    import common
+    import simclr
+
+    forward = common.forward_views
+    monkeypatch.setattr(common, "forward_views", lambda net, views, precision: forward(net, views))
+    monkeypatch.setattr(sys, "argv", ["simclr.py", "--data", "synthetic", "--arch", "resnet18",
+                                      "--batch", "4", "--subset", "8", "--warmup-epochs", "1",
+                                      "--workers", "0", "--knn-every", "0"])
+
+    def pretrain(out, epochs):
+        args = simclr.get_args()
+        args.out_dir, args.epochs = out, epochs
+        device = simclr.setup(args)
+        args.precision = "fp16"  # after check_args, which refuses it on the CPU
+        train_set, meta = common.train_dataset("synthetic", "", 8, 0, 2, device)
+        model = common.make_model("resnet18", meta["size"], meta["channels"], device)
+        simclr.pretrain(args, model, train_set, meta, None)
+
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    # fp16 backward on a CPU is 20-100x slower than fp32 (3 min for a 16-image step in CI):
-    # 4 images, one step of 4 per epoch, so the resume still restores a scaler state that an
-    # unbroken run carries over in memory
-    flags = [*SMALL, "--precision", "fp16", "--warmup-epochs", "1", "--lin-epochs", "1",
-             "--batch", "4", "--subset", "4", "--lin-batch", "4"]
-    for out, epochs in ((straight, ["2"]), (split, ["1", "2"])):
-        for e in epochs:
-            p = run("simclr.py", *flags, "--epochs", e, "--out-dir", out)
-            assert p.returncode == 0, p.stderr[-3000:]
-    assert "resumed from epoch 1 (step 1)" in p.stdout and "fp16" in p.stdout
+    pretrain(straight, 2)
+    pretrain(split, 1)
+    pretrain(split, 2)
     a, b = (torch.load(os.path.join(o, "checkpoint.pt"), weights_only=True)
             for o in (straight, split))
-    assert a["scaler"] and a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
-    assert a["args"]["precision"] == "fp16" and a["step"] == b["step"] == 2
+    assert a["args"]["precision"] == "fp16" and a["step"] == b["step"] == 4
+    # the growth tracker counts the steps since the last overflow: a fresh scaler would be at 2
+    assert a["scaler"] and a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 4
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert all(torch.isfinite(v).all() for v in a["model"].values())
@@ -452,6 +470,142 @@ def test_polyview_trains_resumes_evaluates(tmp_path):
     assert f"resumed from epoch 1 (step {steps})" in second.stdout
     assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(second.stdout)), second.stdout
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 2 * steps
+
+
+# ----------------------------------------------------------------------------- your own images
+
+
+def photos(folder, n, size=(120, 90)):
+    """n small photos under folder, in nested subfolders and in two formats."""
+    from PIL import Image
+
+    for i in range(n):
+        path = os.path.join(folder, f"{i % 3}", f"{i}.{'png' if i % 2 else 'jpg'}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.new("RGB", size, (20 * i % 256, 100 + 40 * (i % 3), 30)).save(path)
+
+
+@pytest.fixture(scope="module")
+def unlabelled_run(tmp_path_factory):
+    """simclr.py on a folder of 12 unlabelled photos (and a file that is not an image)."""
+    root = tmp_path_factory.mktemp("unlabelled")
+    photos(str(root / "photos"), 12)
+    (root / "photos" / "notes.txt").write_text("not an image")
+    out = str(root / "run")
+    p = run("simclr.py", "--data", str(root / "photos"), "--arch", "resnet18", "--batch", "6",
+            "--epochs", "1", "--workers", "1", "--out-dir", out)
+    return p, out
+
+
+def test_unlabelled_folder_pretrains_and_skips_evaluation(unlabelled_run):
+    p, out = unlabelled_run
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "pretraining on 12 images" in p.stdout  # recursively, image files only
+    assert last_line(p.stdout) == (
+        "no labels, no evaluation (see --eval-data); backbone: " + out + "/backbone.pt")
+    assert os.path.exists(os.path.join(out, "backbone.pt"))
+    assert not any("knn_top1" in r or "linear_top1" in r for r in log_records(out))
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["fixed"]["data"] == (
+        "<a folder of 12 images>")
+
+
+def test_unlabelled_folder_with_eval_data_under_torchrun(tmp_path):
+    """--eval-data gives an unlabelled folder's run a labelled one for the kNN monitor and the
+    probe, on 2 processes; an empty folder and unlabelled --eval-data end with one line."""
+    photos(str(tmp_path / "photos"), 12)
+    for split in ("train", "val"):
+        for k in ("a", "b"):
+            photos(str(tmp_path / "labelled" / split / k), 4, size=(80, 100))
+    out = str(tmp_path / "run")
+    p = run("simclr.py", "--data", str(tmp_path / "photos"), "--eval-data",
+            str(tmp_path / "labelled"), "--arch", "resnet18", "--batch", "6", "--epochs", "1",
+            "--workers", "1", "--knn-every", "1", "--lin-epochs", "2", "--lin-batch", "4",
+            "--out-dir", out, nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert ("pretraining on 12 images; kNN monitor and linear probe on 8 training, 8 validation "
+            "images") in p.stdout
+    assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(p.stdout)), p.stdout
+    assert any("knn_top1" in r for r in log_records(out))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    p = run("simclr.py", "--data", str(tmp_path / "empty"), "--out-dir", out)
+    assert_one_clear_line(p, str(tmp_path / "empty"), "no image files")
+    p = run("simclr.py", "--data", "synthetic", "--eval-data", str(tmp_path / "photos"),
+            "--out-dir", str(tmp_path / "other"))
+    assert_one_clear_line(p, str(tmp_path / "photos"), "train")
+
+
+def write_stl10(root, sizes):
+    """A stand-in STL-10 in its binary format (torchvision's layout): (images, labels) per split,
+    each image's channels stored column by column, labels 1-10 on disk."""
+    folder = os.path.join(root, "stl10_binary")
+    os.makedirs(folder)
+    made = {}
+    for split, n in sizes.items():
+        g = torch.Generator().manual_seed(n)
+        x = torch.randint(0, 256, (n, 3, 96, 96), generator=g, dtype=torch.uint8)
+        y = torch.arange(n) % 10 if split != "unlabeled" else torch.full((n,), -1)
+        x.transpose(2, 3).contiguous().numpy().tofile(os.path.join(folder, f"{split}_X.bin"))
+        if split != "unlabeled":
+            (y + 1).to(torch.uint8).numpy().tofile(os.path.join(folder, f"{split}_y.bin"))
+        made[split] = x, y
+    return made
+
+
+def test_stl10_pretrains_on_train_and_unlabeled_offline(tmp_path, monkeypatch):
+    """STL-10 as its papers use it, from a stand-in in the binary format: pretraining on train +
+    unlabeled, kNN and probe on train, scored on test; the reader gives torchvision's arrays."""
+    import common
+    import torchvision
+
+    made = write_stl10(str(tmp_path), dict(train=20, test=10, unlabeled=30))
+    x, y = common._torchvision_set("stl10", str(tmp_path), "train+unlabeled")
+    assert torch.equal(x, torch.cat([made["train"][0], made["unlabeled"][0]]))
+    assert torch.equal(y, torch.cat([made["train"][1], made["unlabeled"][1]]))
+    # torchvision reads the same files alike (its checksums are the real files')
+    monkeypatch.setattr(torchvision.datasets.STL10, "_check_integrity", lambda self: True)
+    theirs = torchvision.datasets.STL10(str(tmp_path), split="train+unlabeled")
+    assert torch.equal(x, torch.from_numpy(theirs.data))
+    assert torch.equal(y, torch.from_numpy(theirs.labels).long())
+    out = str(tmp_path / "run")
+    p = run("simclr.py", "--data", "stl10", "--data-root", str(tmp_path), "--arch", "resnet18",
+            "--batch", "10", "--epochs", "1", "--workers", "0", "--knn-every", "1",
+            "--lin-epochs", "1", "--lin-batch", "10", "--out-dir", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert ("pretraining on 50 images; kNN monitor and linear probe on 20 training, 10 "
+            "validation images") in p.stdout
+    assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(p.stdout)), p.stdout
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 5
+
+
+README_LOAD = re.compile(r"^## Using the backbone\n.*?^```python\n(.*?)^```", re.M | re.S)
+
+
+@pytest.mark.parametrize("run_of", ["photos", "small images"])
+def test_readme_lines_load_backbone_into_torchvision(tmp_path, unlabelled_run, checkpoints,
+                                                     run_of):
+    """The README's lines, as written (resnet18 for resnet50, the test's path, and the two CIFAR
+    stem lines switched on for small images), load backbone.pt strictly into torchvision's
+    ResNet, which then gives the features of the script's own backbone from checkpoint.pt."""
+    import common
+
+    code = README_LOAD.search(open(os.path.join(HERE, "README.md")).read()).group(1)
+    out = (unlabelled_run[1] if run_of == "photos"
+           else os.path.dirname(checkpoints["simclr.py"]))
+    code = code.replace("resnet50", "resnet18").replace(
+        "runs/default/backbone.pt", os.path.join(out, "backbone.pt"))
+    if run_of == "small images":
+        code = re.sub(r"^# (backbone\.(conv1|maxpool) = )", r"\1", code, flags=re.M)
+        assert code.count("backbone.conv1 =") == 1 and code.count("backbone.maxpool =") == 1
+    scope = {}
+    exec(code, scope)
+    backbone, size = scope["backbone"], 224 if run_of == "photos" else 32
+    model = common.make_model("resnet18", size, 3, "cpu")
+    model.load_state_dict(torch.load(os.path.join(out, "checkpoint.pt"),
+                                     weights_only=True)["model"])
+    model.eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), model.backbone(x), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- real data
