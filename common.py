@@ -439,8 +439,8 @@ def train_dataset(name, root, n, seed, n_views, device="cpu", eval_data=None):
     keep = list(subset(range(len(samples or train)), n, seed))
     if rank() == 0:  # the images each stage uses
         print(f"pretraining on {len(keep)} images" + (
-            f"; kNN monitor and linear probe on {len(subset(evaluation[0], n, seed))} training, "
-            f"{len(evaluation[1])} validation images" if evaluation else ""))
+            f"; evaluating on {len(subset(evaluation[0], n, seed))} training, "
+            f"{len(evaluation[1])} validation images of {eval_data}" if evaluation else ""))
     if samples:
         return Crops([samples[i] for i in keep], meta["size"], n_views), meta
     return TensorDataset(*((t[keep] if n else t).to(device) for t in train.tensors)), meta

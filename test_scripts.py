@@ -522,8 +522,8 @@ def test_unlabelled_folder_with_eval_data_under_torchrun(tmp_path):
             "--workers", "1", "--knn-every", "1", "--lin-epochs", "2", "--lin-batch", "4",
             "--out-dir", out, nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert ("pretraining on 12 images; kNN monitor and linear probe on 8 training, 8 validation "
-            "images") in p.stdout
+    assert ("pretraining on 12 images; evaluating on 8 training, 8 validation images of "
+            + str(tmp_path / "labelled")) in p.stdout
     assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(p.stdout)), p.stdout
     assert any("knn_top1" in r for r in log_records(out))
     (tmp_path / "empty" / "sub").mkdir(parents=True)
@@ -571,8 +571,8 @@ def test_stl10_pretrains_on_train_and_unlabeled_offline(tmp_path, monkeypatch):
             "--batch", "10", "--epochs", "1", "--workers", "0", "--knn-every", "1",
             "--lin-epochs", "1", "--lin-batch", "10", "--out-dir", out)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert ("pretraining on 50 images; kNN monitor and linear probe on 20 training, 10 "
-            "validation images") in p.stdout
+    assert ("pretraining on 50 images; evaluating on 20 training, 10 validation images of "
+            "stl10") in p.stdout
     assert re.fullmatch(r"linear top-1: \d+\.\d\d%", last_line(p.stdout)), p.stdout
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 5
 
