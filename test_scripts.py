@@ -637,6 +637,16 @@ def test_fashion_mnist_offline_end_to_end(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST),
                     reason="Debian's dataset-fashion-mnist is not installed (see README)")
+def test_eval_data_with_other_channels_is_refused_before_pretraining(tmp_path):
+    out = tmp_path / "run"
+    p = run("simclr.py", "--data", "synthetic", "--eval-data", "fashion-mnist", "--out-dir",
+            str(out))
+    assert_one_clear_line(p, "--eval-data fashion-mnist has 1 channel(s), --data synthetic 3")
+    assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST),
+                    reason="Debian's dataset-fashion-mnist is not installed (see README)")
 def test_bench_mechanisms_runs_at_small_sizes(tmp_path):
     """`bench.py mechanisms` end to end at small sizes (the README's tables come from its default
     sizes): every table complete, q in [0, 1] with ordered percentiles, the pretrained
