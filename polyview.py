@@ -199,7 +199,7 @@ def get_args():
 
 # --- copied: setup ---
 def setup(args):
-    """Join the torchrun job, if any; resolve --precision auto and the lr; this rank's device."""
+    """Join the torchrun job, if any; resolve --precision auto, the lr, --eval-data; the device."""
     cuda = torch.cuda.is_available()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's --nproc_per_node
     gpus = torch.cuda.device_count()
